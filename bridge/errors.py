@@ -1,0 +1,31 @@
+"""Exceptions grouped by what the caller can do about them."""
+
+from __future__ import annotations
+
+
+class BridgeError(Exception):
+    """Base of every error the bridge raises on purpose."""
+
+
+class ConfigError(BridgeError):
+    """The configuration is wrong: fix it and start again. One problem per line."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class ConnectionFailed(BridgeError):
+    """A broker could not be reached or dropped us: retry with backoff."""
+
+
+class ConnectRefused(ConnectionFailed):
+    """The broker answered CONNACK with a failure reason code."""
+
+    def __init__(self, reason_code: int, reason: str) -> None:
+        super().__init__(f"connection refused: {reason} (0x{reason_code:02x})")
+        self.reason_code = reason_code
+
+
+class ProtocolViolation(ConnectionFailed):
+    """The peer broke the MQTT protocol; the connection is dropped and retried."""

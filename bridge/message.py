@@ -1,0 +1,37 @@
+"""The envelope that flows from the source to a target connection and back to the ack."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from bridge.mqtt_codec import Properties
+
+if TYPE_CHECKING:
+    from bridge.flow import AckQueue
+
+
+@dataclass(slots=True, eq=False)
+class Pending:
+    """A source message's place in the in-order acknowledgement queue."""
+
+    acks: AckQueue
+    packet_id: int
+    qos: int
+    size: int
+    route: int
+    done: bool = False
+
+
+@dataclass(slots=True, eq=False)
+class Envelope:
+    source_topic: str
+    topic: bytes  # target topic, already encoded
+    payload: bytes  # exactly the bytes the source sent
+    qos: int  # target QoS
+    retain: bool
+    properties: Properties | None
+    received_at: float  # event-loop time
+    expires_at: float | None  # event-loop time, from the message expiry interval
+    route: int
+    pending: Pending

@@ -1,0 +1,389 @@
+"""One MQTT client connection on asyncio: the only module that speaks MQTT on a socket.
+
+Why our own client instead of aiomqtt: the bridge's core promise needs a source
+PUBLISH to be acknowledged only after its copy is acknowledged by the target, in
+arrival order. aiomqtt 2.x acknowledges on receipt and has no public manual-ack API;
+paho-mqtt (underneath it) has ``manual_ack`` but connects and handshakes TLS with
+blocking calls, reads each packet with three ``recv`` syscalls and wakes a socket pair
+per publish. DESIGN.md measured both far below Mosquitto's bridge. This module is an
+``asyncio.Protocol``: it parses every complete packet of a read in one go, coalesces
+all packets written in one loop iteration into one ``write``, and never creates a
+task per message. It implements only what a bridge uses: QoS 0 and 1, MQTT 3.1.1 and 5.
+
+A connection never reconnects itself; its owner (source or target link) does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from dataclasses import dataclass
+from typing import Protocol, cast
+
+from bridge import mqtt_codec as codec
+from bridge.errors import ConnectionFailed, ConnectRefused, ProtocolViolation
+from bridge.mqtt_codec import Properties, Publish
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    host: str
+    port: int
+    ssl: ssl.SSLContext | None = None
+    server_hostname: str | None = None
+
+    def __str__(self) -> str:
+        return f"{'mqtts' if self.ssl else 'mqtt'}://{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class SessionOptions:
+    client_id: str
+    protocol: int  # codec.PROTOCOL_311 or codec.PROTOCOL_5
+    clean_start: bool
+    session_expiry: int = 0
+    keepalive: int = 60
+    receive_maximum: int | None = None
+    username: str | None = None
+    password: bytes | None = None
+
+
+class Listener(Protocol):
+    """What a connection reports to its owner. Called synchronously from the reader."""
+
+    def on_message(self, conn: MqttConnection, msg: Publish) -> bool:
+        """Take a message; return False when there is no room, to be offered it again."""
+        ...
+
+    def on_puback(self, conn: MqttConnection, packet_id: int, reason_code: int) -> None: ...
+
+    def on_writable(self, conn: MqttConnection, writable: bool) -> None:
+        """The socket's send buffer crossed its high (False) or low (True) water mark."""
+        ...
+
+    def on_connection_lost(self, conn: MqttConnection, exc: BaseException | None) -> None: ...
+
+
+class MqttConnection(asyncio.Protocol):
+    """A single MQTT session over one TCP (or TLS) connection."""
+
+    def __init__(self, options: SessionOptions, listener: Listener) -> None:
+        self.options = options
+        self.protocol = options.protocol
+        self._listener = listener
+        self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.Transport | None = None
+        self._rbuf = bytearray()
+        self._wbuf: list[bytes] = []
+        self._flush_scheduled = False
+        self._held: Publish | None = None
+        self._next_pid = 0
+        self._unacked: set[int] = set()
+        self._waiters: dict[int, asyncio.Future[codec.Ack]] = {}
+        self._connack: asyncio.Future[codec.Ack] = self._loop.create_future()
+        self._closed: asyncio.Future[None] = self._loop.create_future()
+        self._last_rx = self._last_tx = self._loop.time()
+        self._keepalive_handle: asyncio.TimerHandle | None = None
+        self.session_present = False
+        self.server_properties: Properties = {}
+        self.disconnect_reason: int | None = None
+        self._closing_error: ConnectionFailed | None = None
+        self._keepalive = options.keepalive
+
+    # ---- lifecycle -------------------------------------------------------------
+
+    async def connect(self, endpoint: Endpoint, timeout: float = 10.0) -> None:
+        """Open the socket, send CONNECT, wait for a successful CONNACK."""
+        opts = self.options
+        props: Properties = {}
+        if opts.protocol == codec.PROTOCOL_5:
+            if opts.session_expiry:
+                props[codec.SESSION_EXPIRY] = opts.session_expiry
+            if opts.receive_maximum:
+                props[codec.RECEIVE_MAXIMUM] = opts.receive_maximum
+        try:
+            async with asyncio.timeout(timeout):
+                await self._loop.create_connection(
+                    lambda: self,
+                    endpoint.host,
+                    endpoint.port,
+                    ssl=endpoint.ssl,
+                    server_hostname=(endpoint.server_hostname or endpoint.host)
+                    if endpoint.ssl
+                    else None,
+                )
+                self._send(
+                    codec.encode_connect(
+                        client_id=opts.client_id,
+                        protocol=opts.protocol,
+                        clean_start=opts.clean_start,
+                        keepalive=opts.keepalive,
+                        username=opts.username,
+                        password=opts.password,
+                        properties=props,
+                    )
+                )
+                ack = await self._connack
+        except ConnectionFailed:
+            self.abort()
+            raise
+        except ssl.SSLError as exc:
+            self.abort()
+            raise ConnectionFailed(f"TLS handshake with {endpoint} failed: {_ssl_reason(exc)}") from exc
+        except TimeoutError as exc:
+            self.abort()
+            raise ConnectionFailed(f"no CONNACK from {endpoint} within {timeout:g} s") from exc
+        except OSError as exc:
+            self.abort()
+            raise ConnectionFailed(f"cannot connect to {endpoint}: {exc.strerror or exc}") from exc
+        code = ack.reason_codes[0]
+        if code != 0:
+            self.abort()
+            raise ConnectRefused(code, codec.reason_name(code, opts.protocol, connack=True))
+        self.session_present = ack.session_present
+        self.server_properties = ack.properties or {}
+        server_keepalive = self.server_properties.get(codec.SERVER_KEEP_ALIVE)
+        self._keepalive = server_keepalive if server_keepalive is not None else opts.keepalive
+        if self._keepalive:
+            self._keepalive_handle = self._loop.call_later(self._keepalive / 2, self._keepalive_tick)
+
+    @property
+    def is_open(self) -> bool:
+        return not self._closed.done()
+
+    @property
+    def server_receive_maximum(self) -> int:
+        return int(self.server_properties.get(codec.RECEIVE_MAXIMUM, 65535))
+
+    @property
+    def server_maximum_packet_size(self) -> int | None:
+        value = self.server_properties.get(codec.MAXIMUM_PACKET_SIZE)
+        return int(value) if value is not None else None
+
+    async def disconnect(self, session_expiry: int | None = None, timeout: float = 2.0) -> None:
+        """Send DISCONNECT (optionally changing the session expiry) and close."""
+        if self._transport is None or self._closed.done():
+            return
+        self._send(codec.encode_disconnect(self.protocol, session_expiry))
+        self._flush()
+        self._transport.close()
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(self._closed)
+        except TimeoutError:
+            self.abort()
+
+    def abort(self) -> None:
+        if self._transport is not None and not self._closed.done():
+            self._transport.abort()
+
+    async def wait_closed(self) -> None:
+        await asyncio.shield(self._closed)
+
+    # ---- operations --------------------------------------------------------------
+
+    def publish(
+        self,
+        topic: bytes,
+        payload: bytes,
+        qos: int,
+        retain: bool,
+        properties: Properties | None = None,
+    ) -> int:
+        """Queue a PUBLISH; returns its packet id (0 for QoS 0). PUBACK comes via the listener."""
+        packet_id = self._allocate_packet_id() if qos else 0
+        self._send(
+            codec.encode_publish(topic, payload, qos, retain, packet_id, self.protocol, properties)
+        )
+        return packet_id
+
+    def puback(self, packet_id: int) -> None:
+        self._send(codec.encode_puback(packet_id))
+
+    async def subscribe(
+        self, filters: list[tuple[str, int]], retain_as_published: bool, timeout: float = 10.0
+    ) -> list[int]:
+        packet_id = self._allocate_packet_id()
+        packet = codec.encode_subscribe(packet_id, filters, self.protocol, retain_as_published)
+        ack = await self._request(packet_id, packet, timeout)
+        return ack.reason_codes
+
+    async def unsubscribe(self, filters: list[str], timeout: float = 10.0) -> list[int]:
+        packet_id = self._allocate_packet_id()
+        packet = codec.encode_unsubscribe(packet_id, filters, self.protocol)
+        ack = await self._request(packet_id, packet, timeout)
+        return ack.reason_codes
+
+    def resume(self) -> None:
+        """Offer the held message again and continue reading (after ``on_message`` said no)."""
+        if self._held is not None:
+            self._loop.call_soon(self._resume_now)
+
+    # ---- internals ---------------------------------------------------------------
+
+    def _allocate_packet_id(self) -> int:
+        for _ in range(65535):
+            self._next_pid = self._next_pid % 65535 + 1
+            if self._next_pid not in self._unacked and self._next_pid not in self._waiters:
+                self._unacked.add(self._next_pid)
+                return self._next_pid
+        raise ProtocolViolation("all 65535 packet identifiers are in use")
+
+    async def _request(self, packet_id: int, packet: bytes, timeout: float) -> codec.Ack:
+        self._unacked.discard(packet_id)
+        waiter: asyncio.Future[codec.Ack] = self._loop.create_future()
+        self._waiters[packet_id] = waiter
+        self._send(packet)
+        try:
+            async with asyncio.timeout(timeout):
+                return await waiter
+        except TimeoutError as exc:
+            raise ConnectionFailed(f"no acknowledgement within {timeout:g} s") from exc
+        finally:
+            self._waiters.pop(packet_id, None)
+
+    def _send(self, data: bytes) -> None:
+        if self._transport is None or self._closed.done():
+            return
+        self._wbuf.append(data)
+        if not self._flush_scheduled:
+            # Everything written during this loop iteration leaves in one write call.
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._wbuf and self._transport is not None and not self._transport.is_closing():
+            data = self._wbuf[0] if len(self._wbuf) == 1 else b"".join(self._wbuf)
+            self._transport.write(data)
+            self._last_tx = self._loop.time()
+        self._wbuf.clear()
+
+    def _keepalive_tick(self) -> None:
+        if self._closed.done():
+            return
+        now = self._loop.time()
+        if now - self._last_tx >= self._keepalive / 2:
+            self._send(codec.PINGREQ_PACKET)
+        # While reading is paused the broker's answers wait unread: not a dead peer.
+        if self._held is None and now - self._last_rx > self._keepalive * 1.5:
+            self._closing_error = ConnectionFailed(
+                f"no packet from the broker for {self._keepalive * 1.5:g} s (keepalive)"
+            )
+            self.abort()
+            return
+        self._keepalive_handle = self._loop.call_later(self._keepalive / 4, self._keepalive_tick)
+
+    def _resume_now(self) -> None:
+        held = self._held
+        if held is None or self._closed.done():
+            return
+        if not self._listener.on_message(self, held):
+            return
+        self._held = None
+        self._parse()
+        if self._held is None and self._transport is not None:
+            self._transport.resume_reading()
+
+    def _parse(self) -> None:
+        buf = self._rbuf
+        pos = 0
+        try:
+            while self._held is None:
+                found = codec.split_packet(buf, pos)
+                if found is None:
+                    break
+                first, start, end = found
+                body = bytes(memoryview(buf)[start:end])
+                pos = end
+                self._dispatch(first, body)
+        except codec.MalformedPacket as exc:
+            self._closing_error = ProtocolViolation(f"malformed packet from the broker: {exc}")
+            self.abort()
+        finally:
+            if pos:
+                del buf[:pos]
+
+    def _dispatch(self, first: int, body: bytes) -> None:
+        kind = first >> 4
+        if kind == codec.PUBLISH:
+            msg = codec.decode_publish(first, body, self.protocol)
+            if msg.qos == 2:
+                raise codec.MalformedPacket("QoS 2 PUBLISH on a subscription granted QoS <= 1")
+            if not self._listener.on_message(self, msg):
+                self._held = msg
+                if self._transport is not None:
+                    self._transport.pause_reading()
+            return
+        if kind == codec.PUBACK:
+            ack = codec.decode_ack(kind, body, self.protocol)
+            self._unacked.discard(ack.packet_id)
+            self._listener.on_puback(self, ack.packet_id, ack.reason_codes[0])
+            return
+        if kind == codec.PINGRESP:
+            return
+        if kind in (codec.SUBACK, codec.UNSUBACK):
+            ack = codec.decode_ack(kind, body, self.protocol)
+            waiter = self._waiters.get(ack.packet_id)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(ack)
+            return
+        if kind == codec.CONNACK:
+            ack = codec.decode_ack(kind, body, self.protocol)
+            if not self._connack.done():
+                self._connack.set_result(ack)
+            return
+        if kind == codec.DISCONNECT:
+            ack = codec.decode_ack(kind, body, self.protocol)
+            self.disconnect_reason = ack.reason_codes[0]
+            return
+        raise codec.MalformedPacket(f"unexpected packet type {kind}")
+
+    # ---- asyncio.Protocol --------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self._transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self._last_rx = self._loop.time()
+        self._rbuf += data
+        if self._held is None:
+            self._parse()
+
+    def pause_writing(self) -> None:
+        self._listener.on_writable(self, False)
+
+    def resume_writing(self) -> None:
+        self._listener.on_writable(self, True)
+
+    def eof_received(self) -> bool | None:
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._closed.done():
+            return
+        if self._keepalive_handle is not None:
+            self._keepalive_handle.cancel()
+        error: BaseException | None = self._closing_error
+        if error is None and self.disconnect_reason is not None:
+            code = self.disconnect_reason
+            error = ConnectionFailed(
+                f"broker disconnected us: {codec.reason_name(code)} (0x{code:02x})"
+            )
+        if error is None and exc is not None:
+            error = ConnectionFailed(f"connection lost: {exc}")
+        self._closed.set_result(None)
+        if not self._connack.done():
+            self._connack.set_exception(error or ConnectionFailed("connection closed before CONNACK"))
+            self._connack.exception()  # mark retrieved: connect() may already be gone
+        for waiter in self._waiters.values():
+            if not waiter.done():
+                waiter.set_exception(error or ConnectionFailed("connection closed"))
+        self._listener.on_connection_lost(self, error)
+
+
+def _ssl_reason(exc: ssl.SSLError) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return exc.verify_message or str(exc)
+    return exc.reason or str(exc)

@@ -1,0 +1,403 @@
+"""MQTT 3.1.1 and 5 packet encoding and decoding: pure functions, no I/O.
+
+Only the client side of the protocol is here (what a bridge sends and receives).
+Properties travel as ``dict[int, Any]`` keyed by property identifier; the user
+property (0x26) is a list of ``(key, value)`` pairs and the subscription identifier
+(0x0B) a list of ints, because both may repeat.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+PROTOCOL_311 = 4
+PROTOCOL_5 = 5
+
+CONNECT = 1
+CONNACK = 2
+PUBLISH = 3
+PUBACK = 4
+PUBREC = 5
+PUBREL = 6
+PUBCOMP = 7
+SUBSCRIBE = 8
+SUBACK = 9
+UNSUBSCRIBE = 10
+UNSUBACK = 11
+PINGREQ = 12
+PINGRESP = 13
+DISCONNECT = 14
+AUTH = 15
+
+# Property identifiers (MQTT 5, section 2.2.2.2).
+PAYLOAD_FORMAT = 0x01
+MESSAGE_EXPIRY = 0x02
+CONTENT_TYPE = 0x03
+RESPONSE_TOPIC = 0x08
+CORRELATION_DATA = 0x09
+SUBSCRIPTION_ID = 0x0B
+SESSION_EXPIRY = 0x11
+ASSIGNED_CLIENT_ID = 0x12
+SERVER_KEEP_ALIVE = 0x13
+REASON_STRING = 0x1F
+RECEIVE_MAXIMUM = 0x21
+TOPIC_ALIAS_MAXIMUM = 0x22
+TOPIC_ALIAS = 0x23
+MAXIMUM_QOS = 0x24
+RETAIN_AVAILABLE = 0x25
+USER_PROPERTY = 0x26
+MAXIMUM_PACKET_SIZE = 0x27
+
+_BYTE, _INT16, _INT32, _VARINT, _UTF8, _BINARY, _PAIR = range(7)
+_PROPERTY_TYPES: dict[int, int] = {
+    0x01: _BYTE, 0x02: _INT32, 0x03: _UTF8, 0x08: _UTF8, 0x09: _BINARY,
+    0x0B: _VARINT, 0x11: _INT32, 0x12: _UTF8, 0x13: _INT16, 0x15: _UTF8,
+    0x16: _BINARY, 0x17: _BYTE, 0x18: _INT32, 0x19: _BYTE, 0x1A: _UTF8,
+    0x1C: _UTF8, 0x1F: _UTF8, 0x21: _INT16, 0x22: _INT16, 0x23: _INT16,
+    0x24: _BYTE, 0x25: _BYTE, 0x26: _PAIR, 0x27: _INT32, 0x28: _BYTE,
+    0x29: _BYTE, 0x2A: _BYTE,
+}  # fmt: skip
+_REPEATABLE = frozenset({USER_PROPERTY, SUBSCRIPTION_ID})
+
+Properties = dict[int, Any]
+
+_U16 = struct.Struct("!H")
+_U32 = struct.Struct("!I")
+
+
+class MalformedPacket(ValueError):
+    """The peer sent bytes that are not a valid MQTT packet."""
+
+
+def encode_varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def decode_varint(buf: bytes | bytearray | memoryview, pos: int) -> tuple[int, int] | None:
+    """Return ``(value, next_pos)``, or None when the buffer ends inside the integer."""
+    value = 0
+    shift = 0
+    for i in range(4):
+        if pos + i >= len(buf):
+            return None
+        byte = buf[pos + i]
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos + i + 1
+        shift += 7
+    raise MalformedPacket("variable byte integer longer than 4 bytes")
+
+
+def _utf8(text: str) -> bytes:
+    raw = text.encode()
+    return _U16.pack(len(raw)) + raw
+
+
+def _binary(data: bytes) -> bytes:
+    return _U16.pack(len(data)) + data
+
+
+def encode_properties(props: Properties | None) -> bytes:
+    if not props:
+        return b"\x00"
+    body = bytearray()
+    for ident, value in props.items():
+        kind = _PROPERTY_TYPES[ident]
+        values = value if ident in _REPEATABLE else (value,)
+        for item in values:
+            body.append(ident)
+            if kind == _BYTE:
+                body.append(item)
+            elif kind == _INT16:
+                body += _U16.pack(item)
+            elif kind == _INT32:
+                body += _U32.pack(item)
+            elif kind == _VARINT:
+                body += encode_varint(item)
+            elif kind == _UTF8:
+                body += _utf8(item)
+            elif kind == _BINARY:
+                body += _binary(item)
+            else:
+                body += _utf8(item[0]) + _utf8(item[1])
+    return encode_varint(len(body)) + bytes(body)
+
+
+def _read_u16(buf: bytes, pos: int) -> int:
+    if pos + 2 > len(buf):
+        raise MalformedPacket("packet ends inside a two-byte integer")
+    return int(_U16.unpack_from(buf, pos)[0])
+
+
+def _read_bytes(buf: bytes, pos: int) -> tuple[bytes, int]:
+    length = _read_u16(buf, pos)
+    end = pos + 2 + length
+    if end > len(buf):
+        raise MalformedPacket("packet ends inside a string")
+    return buf[pos + 2 : end], end
+
+
+def _read_str(buf: bytes, pos: int) -> tuple[str, int]:
+    raw, pos = _read_bytes(buf, pos)
+    try:
+        return raw.decode(), pos
+    except UnicodeDecodeError as exc:
+        raise MalformedPacket("string is not valid UTF-8") from exc
+
+
+def decode_properties(buf: bytes, pos: int) -> tuple[Properties | None, int]:
+    decoded = decode_varint(buf, pos)
+    if decoded is None:
+        raise MalformedPacket("packet ends inside the property length")
+    length, pos = decoded
+    end = pos + length
+    if end > len(buf):
+        raise MalformedPacket("property length beyond the packet")
+    if length == 0:
+        return None, pos
+    props: Properties = {}
+    while pos < end:
+        ident = buf[pos]
+        pos += 1
+        kind = _PROPERTY_TYPES.get(ident)
+        value: Any
+        if kind is None:
+            raise MalformedPacket(f"unknown property 0x{ident:02x}")
+        if kind == _BYTE:
+            value = buf[pos]
+            pos += 1
+        elif kind == _INT16:
+            value = _read_u16(buf, pos)
+            pos += 2
+        elif kind == _INT32:
+            value = int(_U32.unpack_from(buf, pos)[0])
+            pos += 4
+        elif kind == _VARINT:
+            got = decode_varint(buf, pos)
+            if got is None:
+                raise MalformedPacket("packet ends inside a property")
+            value, pos = got
+        elif kind == _UTF8:
+            value, pos = _read_str(buf, pos)
+        elif kind == _BINARY:
+            value, pos = _read_bytes(buf, pos)
+        else:
+            key, pos = _read_str(buf, pos)
+            val, pos = _read_str(buf, pos)
+            value = (key, val)
+        if ident in _REPEATABLE:
+            props.setdefault(ident, []).append(value)
+        else:
+            props[ident] = value
+    if pos != end:
+        raise MalformedPacket("property list overruns its length")
+    return props, end
+
+
+def _packet(first_byte: int, body: bytes) -> bytes:
+    return bytes((first_byte,)) + encode_varint(len(body)) + body
+
+
+def encode_connect(
+    *,
+    client_id: str,
+    protocol: int,
+    clean_start: bool,
+    keepalive: int,
+    username: str | None = None,
+    password: bytes | None = None,
+    properties: Properties | None = None,
+) -> bytes:
+    flags = 0x02 if clean_start else 0
+    if username is not None:
+        flags |= 0x80
+    if password is not None:
+        flags |= 0x40
+    body = _utf8("MQTT") + bytes((protocol, flags)) + _U16.pack(keepalive)
+    if protocol == PROTOCOL_5:
+        body += encode_properties(properties)
+    body += _utf8(client_id)
+    if username is not None:
+        body += _utf8(username)
+    if password is not None:
+        body += _binary(password)
+    return _packet(CONNECT << 4, body)
+
+
+def encode_publish(
+    topic: bytes,
+    payload: bytes,
+    qos: int,
+    retain: bool,
+    packet_id: int,
+    protocol: int,
+    properties: Properties | None = None,
+    dup: bool = False,
+) -> bytes:
+    first = (PUBLISH << 4) | (dup << 3) | (qos << 1) | retain
+    head = _U16.pack(len(topic)) + topic
+    if qos:
+        head += _U16.pack(packet_id)
+    if protocol == PROTOCOL_5:
+        head += encode_properties(properties)
+    return bytes((first,)) + encode_varint(len(head) + len(payload)) + head + payload
+
+
+def encode_puback(packet_id: int) -> bytes:
+    # Reason code omitted: "success" is implied (MQTT 5, 3.4.2.1) and 3.1.1 has none.
+    return b"\x40\x02" + _U16.pack(packet_id)
+
+
+def encode_subscribe(
+    packet_id: int,
+    filters: list[tuple[str, int]],
+    protocol: int,
+    retain_as_published: bool = False,
+) -> bytes:
+    body = _U16.pack(packet_id)
+    if protocol == PROTOCOL_5:
+        body += b"\x00"
+    for topic_filter, qos in filters:
+        options = qos
+        if protocol == PROTOCOL_5 and retain_as_published:
+            options |= 0x08
+        body += _utf8(topic_filter) + bytes((options,))
+    return _packet((SUBSCRIBE << 4) | 0x02, body)
+
+
+def encode_unsubscribe(packet_id: int, filters: list[str], protocol: int) -> bytes:
+    body = _U16.pack(packet_id)
+    if protocol == PROTOCOL_5:
+        body += b"\x00"
+    for topic_filter in filters:
+        body += _utf8(topic_filter)
+    return _packet((UNSUBSCRIBE << 4) | 0x02, body)
+
+
+PINGREQ_PACKET = b"\xc0\x00"
+
+
+def encode_disconnect(protocol: int, session_expiry: int | None = None) -> bytes:
+    if protocol != PROTOCOL_5 or session_expiry is None:
+        return b"\xe0\x00"
+    return _packet(DISCONNECT << 4, b"\x00" + encode_properties({SESSION_EXPIRY: session_expiry}))
+
+
+@dataclass(slots=True)
+class Publish:
+    """An incoming PUBLISH; the payload is the exact bytes the broker sent."""
+
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    dup: bool
+    packet_id: int
+    properties: Properties | None
+
+
+@dataclass(slots=True)
+class Ack:
+    """CONNACK, PUBACK, SUBACK, UNSUBACK or DISCONNECT: an id, reason codes, properties."""
+
+    kind: int
+    packet_id: int
+    reason_codes: list[int]
+    properties: Properties | None
+    session_present: bool = False
+
+
+def split_packet(buf: bytearray, pos: int) -> tuple[int, int, int] | None:
+    """Find the packet starting at ``pos``: ``(first_byte, body_start, body_end)``."""
+    if pos >= len(buf):
+        return None
+    decoded = decode_varint(buf, pos + 1)
+    if decoded is None:
+        return None
+    length, start = decoded
+    end = start + length
+    if end > len(buf):
+        return None
+    return buf[pos], start, end
+
+
+def decode_publish(first: int, body: bytes, protocol: int) -> Publish:
+    qos = (first >> 1) & 0x03
+    if qos == 3:
+        raise MalformedPacket("PUBLISH with QoS 3")
+    topic, pos = _read_str(body, 0)
+    packet_id = 0
+    if qos:
+        packet_id = _read_u16(body, pos)
+        pos += 2
+    props = None
+    if protocol == PROTOCOL_5:
+        props, pos = decode_properties(body, pos)
+    return Publish(topic, body[pos:], qos, bool(first & 0x01), bool(first & 0x08), packet_id, props)
+
+
+def decode_ack(kind: int, body: bytes, protocol: int) -> Ack:
+    """Decode the acknowledgement-like packets the server sends to a client."""
+    v5 = protocol == PROTOCOL_5
+    if kind == CONNACK:
+        if len(body) < 2:
+            raise MalformedPacket("CONNACK too short")
+        props = decode_properties(body, 2)[0] if v5 and len(body) > 2 else None
+        return Ack(kind, 0, [body[1]], props, session_present=bool(body[0] & 0x01))
+    if kind == DISCONNECT:
+        code = body[0] if body else 0
+        props = decode_properties(body, 1)[0] if v5 and len(body) > 1 else None
+        return Ack(kind, 0, [code], props)
+    packet_id = _read_u16(body, 0)
+    pos = 2
+    props = None
+    if kind in (PUBACK, PUBREC, PUBREL, PUBCOMP):
+        code = body[2] if v5 and len(body) > 2 else 0
+        if v5 and len(body) > 3:
+            props = decode_properties(body, 3)[0]
+        return Ack(kind, packet_id, [code], props)
+    if v5:
+        props, pos = decode_properties(body, pos)
+    # SUBACK lists one code per filter; UNSUBACK in 3.1.1 has none (success).
+    return Ack(kind, packet_id, list(body[pos:]), props)
+
+
+REASON_NAMES: dict[int, str] = {
+    0x00: "success", 0x04: "disconnect with will", 0x10: "no matching subscribers",
+    0x80: "unspecified error", 0x81: "malformed packet", 0x82: "protocol error",
+    0x83: "implementation specific error", 0x84: "unsupported protocol version",
+    0x85: "client identifier not valid", 0x86: "bad user name or password",
+    0x87: "not authorized", 0x88: "server unavailable", 0x89: "server busy",
+    0x8A: "banned", 0x8B: "server shutting down", 0x8C: "bad authentication method",
+    0x8D: "keep alive timeout", 0x8E: "session taken over", 0x8F: "topic filter invalid",
+    0x90: "topic name invalid", 0x91: "packet identifier in use",
+    0x93: "receive maximum exceeded", 0x94: "topic alias invalid",
+    0x95: "packet too large", 0x96: "message rate too high", 0x97: "quota exceeded",
+    0x98: "administrative action", 0x99: "payload format invalid",
+    0x9A: "retain not supported", 0x9B: "qos not supported", 0x9C: "use another server",
+    0x9D: "server moved", 0x9E: "shared subscriptions not supported",
+    0x9F: "connection rate exceeded", 0xA0: "maximum connect time",
+    0xA1: "subscription identifiers not supported", 0xA2: "wildcard subscriptions not supported",
+}  # fmt: skip
+
+# MQTT 3.1.1 CONNACK return codes (3.2.2.3) mean other things than MQTT 5 reason codes.
+CONNACK_311_NAMES: dict[int, str] = {
+    1: "unacceptable protocol version", 2: "identifier rejected", 3: "server unavailable",
+    4: "bad user name or password", 5: "not authorized",
+}  # fmt: skip
+
+
+def reason_name(code: int, protocol: int = PROTOCOL_5, connack: bool = False) -> str:
+    if connack and protocol == PROTOCOL_311:
+        return CONNACK_311_NAMES.get(code, f"refused ({code})")
+    return REASON_NAMES.get(code, f"reason 0x{code:02x}")

@@ -1,0 +1,345 @@
+"""The bridge: source → bounded flow → target connections → in-order source ack.
+
+Everything on the hot path is a synchronous callback: a PUBLISH is parsed, routed,
+admitted and queued for its target connection within one ``data_received`` call, and
+the target's PUBACK releases the source acknowledgement in the same way. No task is
+created per message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+
+import orjson
+import structlog
+
+from bridge import mqtt_codec as codec
+from bridge.config import HOP_MARKER, BridgeConfig, BrokerConfig
+from bridge.deadletter import DeadLetterSink, LogDeadLetters
+from bridge.flow import AckQueue, Flow
+from bridge.http import HttpServer
+from bridge.message import Envelope, Pending
+from bridge.metrics import Probe, make_registry
+from bridge.mqtt import Endpoint, SessionOptions
+from bridge.mqtt_codec import Publish
+from bridge.pool import DELIVERED, EXPIRED, TargetLink, TargetPool
+from bridge.routing import TopicFilter, TopicTemplate
+from bridge.source import Source
+from bridge.stats import Stats
+
+# MQTT 5 properties a republished message keeps. Topic alias and subscription
+# identifiers belong to one connection; the expiry is rewritten as what remains.
+_PASSTHROUGH = (
+    codec.PAYLOAD_FORMAT,
+    codec.CONTENT_TYPE,
+    codec.RESPONSE_TOPIC,
+    codec.CORRELATION_DATA,
+)
+
+
+def protocol_level(broker: BrokerConfig) -> int:
+    return codec.PROTOCOL_5 if broker.protocol == "5" else codec.PROTOCOL_311
+
+
+def endpoint_of(broker: BrokerConfig) -> Endpoint:
+    context = ssl.create_default_context() if broker.tls else None
+    return Endpoint(broker.host, broker.port, context)
+
+
+class CompiledRoute:
+    __slots__ = ("filter", "index", "label", "qos", "retain", "template")
+
+    def __init__(self, index: int, label: str, source: str, target: str, qos: int, retain: bool):
+        self.index = index
+        self.label = label
+        self.filter = TopicFilter.parse(source)
+        self.template = TopicTemplate.parse(target, self.filter)
+        self.qos = qos
+        self.retain = retain
+
+
+class Bridge:
+    """One worker. ``async with Bridge(cfg) as b: await b.serve(stop)``."""
+
+    def __init__(self, cfg: BridgeConfig, dead_letters: DeadLetterSink | None = None) -> None:
+        self.cfg = cfg
+        self.log = structlog.get_logger()
+        self.routes = [
+            CompiledRoute(i, r.label, r.source, r.target, r.qos, r.retain)
+            for i, r in enumerate(cfg.routes)
+        ]
+        labels = [r.label for r in self.routes]
+        if len(set(labels)) != len(labels):
+            # Two routes on one filter still need distinct metric labels.
+            labels = [f"{label}#{i}" for i, label in enumerate(labels)]
+            for route, label in zip(self.routes, labels, strict=True):
+                route.label = label
+        self.stats = Stats(labels)
+        self.flow = Flow(cfg.flow.max_inflight, cfg.flow.max_inflight_bytes)
+        self.dead_letters: DeadLetterSink = dead_letters or LogDeadLetters()
+        self._target_v5 = cfg.target.protocol == "5"
+        self._marker = (HOP_MARKER, cfg.instance_id)
+        self._loop = asyncio.get_running_loop()
+        src_level = protocol_level(cfg.source)
+        self.source = Source(
+            endpoint_of(cfg.source),
+            SessionOptions(
+                client_id=cfg.source_client_id(),
+                protocol=src_level,
+                clean_start=False,
+                session_expiry=cfg.source.session_expiry,
+                keepalive=cfg.source.keepalive,
+                # MQTT 5 lets us tell the broker our window: it stops sending at the cap.
+                receive_maximum=cfg.flow.max_inflight,
+                username=cfg.source.username,
+                password=_password(cfg.source),
+            ),
+            [(r.subscription, r.qos) for r in cfg.routes],
+            self.flow,
+            self._handle,
+            cfg.source.connect_timeout,
+            self.stats,
+        )
+        tgt_level = protocol_level(cfg.target)
+        self.pool = TargetPool(
+            [
+                TargetLink(
+                    i,
+                    endpoint_of(cfg.target),
+                    SessionOptions(
+                        client_id=cfg.target_client_id(i),
+                        protocol=tgt_level,
+                        # The bridge retransmits what was in flight itself; a stored
+                        # session on the target would only add a second copy.
+                        clean_start=True,
+                        session_expiry=cfg.target.session_expiry,
+                        keepalive=cfg.target.keepalive,
+                        username=cfg.target.username,
+                        password=_password(cfg.target),
+                    ),
+                    window=min(cfg.flow.max_inflight, 65535),
+                    connect_timeout=cfg.target.connect_timeout,
+                    on_done=self._on_done,
+                    on_state=self._on_target_state,
+                )
+                for i in range(cfg.target.connections)
+            ]
+        )
+        self._http: HttpServer | None = None
+        self._stack = contextlib.AsyncExitStack()
+
+    # ---- hot path ------------------------------------------------------------------
+
+    def _handle(self, acks: AckQueue, msg: Publish) -> bool:
+        size = len(msg.payload)
+        if not self.flow.try_admit(size):
+            if msg.qos == 0:
+                route = self._match(msg.topic)
+                self.stats.dropped[(route[0].index if route else 0, "full")] += 1
+                return True
+            return False  # held by the connection, which stops reading
+        found = self._match(msg.topic)
+        route_index = found[0].index if found else 0
+        pending = Pending(acks, msg.packet_id, msg.qos, size, route_index)
+        acks.add(pending)
+        self.stats.received[route_index] += 1
+        props = msg.properties
+        if props is not None and self._has_marker(props):
+            self.stats.dropped[(route_index, "loop")] += 1
+            acks.complete(pending)
+            return True
+        if found is None:
+            env = self._envelope(msg, pending, msg.topic, None, 0, None)
+            self._dead_letter(env, "no_route")
+            return True
+        matched, target_topic = found
+        env = self._envelope(msg, pending, target_topic, props, matched.qos, matched)
+        self.pool.submit(env)
+        return True
+
+    def _match(self, topic: str) -> tuple[CompiledRoute, str] | None:
+        for route in self.routes:
+            captures = route.filter.captures(topic)
+            if captures is not None:
+                return route, route.template.render(topic, captures)
+        return None
+
+    def _has_marker(self, props: codec.Properties) -> bool:
+        user = props.get(codec.USER_PROPERTY)
+        return user is not None and any(key == HOP_MARKER for key, _ in user)
+
+    def _envelope(
+        self,
+        msg: Publish,
+        pending: Pending,
+        target_topic: str,
+        props: codec.Properties | None,
+        route_qos: int,
+        route: CompiledRoute | None,
+    ) -> Envelope:
+        now = self._loop.time()
+        out: codec.Properties | None = None
+        expires_at = None
+        if self._target_v5:
+            out = {}
+            if props:
+                for key in _PASSTHROUGH:
+                    if key in props:
+                        out[key] = props[key]
+                expiry = props.get(codec.MESSAGE_EXPIRY)
+                if expiry is not None:
+                    expires_at = now + expiry
+                user = props.get(codec.USER_PROPERTY)
+                out[codec.USER_PROPERTY] = [*user, self._marker] if user else [self._marker]
+            else:
+                out[codec.USER_PROPERTY] = [self._marker]
+        return Envelope(
+            source_topic=msg.topic,
+            topic=target_topic.encode(),
+            payload=msg.payload,
+            qos=min(msg.qos, route_qos),
+            retain=msg.retain and route is not None and route.retain,
+            properties=out,
+            received_at=now,
+            expires_at=expires_at,
+            route=pending.route,
+            pending=pending,
+        )
+
+    def _on_done(self, env: Envelope, outcome: int) -> None:
+        pending = env.pending
+        if outcome == DELIVERED:
+            self.stats.published[pending.route] += 1
+            pending.acks.complete(pending)
+        elif outcome == EXPIRED:
+            self.stats.dropped[(pending.route, "expired")] += 1
+            pending.acks.complete(pending)
+        else:
+            self._dead_letter(env, f"rejected: {codec.reason_name(outcome)} (0x{outcome:02x})")
+
+    def _dead_letter(self, env: Envelope, reason: str) -> None:
+        pending = env.pending
+        self.stats.dead_lettered[(pending.route, reason.split(" (", 1)[0])] += 1
+        self.dead_letters.submit(env, reason, lambda: pending.acks.complete(pending))
+
+    def _on_target_state(self, index: int, up: bool) -> None:
+        if not up:
+            self.log.warning("target.down", connection=index)
+
+    # ---- lifecycle -----------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return self.source.subscribed and self.pool.connected
+
+    async def __aenter__(self) -> Bridge:
+        await self._stack.__aenter__()
+        listen = self.cfg.http.host_port
+        if listen is not None:
+            probe = Probe(
+                direction=self.cfg.direction,
+                stats=self.stats,
+                flow=self.flow,
+                source_connected=lambda: self.source.subscribed,
+                target_connected=lambda: [link.connected for link in self.pool.links],
+                reconnects=lambda: {
+                    "source": self.source.reconnects,
+                    "target": sum(link.reconnects for link in self.pool.links),
+                },
+                ready=lambda: self.ready,
+            )
+            metrics = make_registry(probe)
+            self._http = await self._stack.enter_async_context(
+                HttpServer(
+                    listen[0],
+                    listen[1],
+                    {
+                        "/metrics": lambda: (200, "text/plain; version=0.0.4", metrics()),
+                        "/healthz": lambda: (200, "text/plain", b"ok\n"),
+                        "/readyz": self._readyz,
+                    },
+                )
+            )
+        # Targets first: a source message must find a connection to go to.
+        await self._stack.enter_async_context(self.pool)
+        await self._stack.enter_async_context(self.source)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._stack.__aexit__(None, None, None)
+
+    def _readyz(self) -> tuple[int, str, bytes]:
+        body = orjson.dumps(
+            {
+                "ready": self.ready,
+                "source_subscribed": self.source.subscribed,
+                "target_connected": [link.connected for link in self.pool.links],
+            }
+        )
+        return (200 if self.ready else 503), "application/json", body + b"\n"
+
+    async def serve(self, stop: asyncio.Event) -> bool:
+        """Run until ``stop`` is set, then leave gracefully. True when fully drained."""
+        stats_task = asyncio.create_task(self._report_stats(), name="stats")
+        try:
+            await stop.wait()
+        finally:
+            stats_task.cancel()
+        return await self.leave()
+
+    async def leave(self) -> bool:
+        """Unsubscribe, drain what is in flight, disconnect — within shutdown.deadline."""
+        cfg = self.cfg.shutdown
+        started = self._loop.time()
+        self.log.info("bridge.leaving", inflight=self.flow.messages, deadline=cfg.deadline)
+        drained = False
+        try:
+            async with asyncio.timeout(cfg.deadline):
+                await self.source.unsubscribe()
+                while True:
+                    now = self._loop.time()
+                    quiet = now - max(self.source.last_received, started) >= cfg.quiet
+                    if self.flow.messages == 0 and quiet:
+                        drained = True
+                        break
+                    await asyncio.sleep(0.02)
+        except TimeoutError:
+            pass
+        left = self.flow.messages
+        # A drained MQTT 5 session is empty: tell the broker to drop it (expiry 0).
+        # Otherwise keep it, so the unfinished messages wait for this instance_id.
+        await asyncio.shield(self.pool.close())
+        expiry = 0 if drained and self.cfg.source.protocol == "5" else None
+        await asyncio.shield(self.source.close(expiry))
+        elapsed = round(self._loop.time() - started, 3)
+        if drained:
+            self.log.info("bridge.left", drained=True, seconds=elapsed, **self.stats.summary())
+        else:
+            self.log.warning(
+                "bridge.left",
+                drained=False,
+                seconds=elapsed,
+                unfinished=left,
+                note="unfinished messages stay in the source session for the next start",
+                **self.stats.summary(),
+            )
+        return drained
+
+    async def _report_stats(self) -> None:
+        interval = self.cfg.log.stats_interval
+        while True:
+            await asyncio.sleep(interval)
+            self.log.info(
+                "bridge.stats",
+                inflight=self.flow.messages,
+                inflight_bytes=self.flow.bytes,
+                ready=self.ready,
+                **self.stats.summary(),
+            )
+
+
+def _password(broker: BrokerConfig) -> bytes | None:
+    secret = broker.password
+    return secret.get_secret_value().encode() if secret is not None else None

@@ -1,0 +1,60 @@
+"""Base for long-lived resources: an async context manager whose loops run as named
+tasks in one TaskGroup, started on enter and cancelled on exit."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Coroutine
+from types import TracebackType
+from typing import Any, Self
+
+
+class Service:
+    def __init__(self) -> None:
+        self._tg: asyncio.TaskGroup | None = None
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    async def __aenter__(self) -> Self:
+        self._tg = asyncio.TaskGroup()
+        await self._tg.__aenter__()
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        for task in self._tasks:
+            task.cancel()
+        assert self._tg is not None
+        await self._tg.__aexit__(exc_type, exc, tb)
+        return None
+
+    async def start(self) -> None:
+        """Spawn the service's loops."""
+
+    def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        assert self._tg is not None, "spawn() before entering the service"
+        task = self._tg.create_task(coro, name=name)
+        self._tasks.append(task)
+        return task
+
+
+class Backoff:
+    """Capped exponential backoff with full jitter (no thundering herd after an outage)."""
+
+    def __init__(self, initial: float = 0.2, cap: float = 30.0) -> None:
+        self.initial = initial
+        self.cap = cap
+        self.attempt = 0
+
+    def next_delay(self) -> float:
+        ceiling = min(self.cap, self.initial * 2**self.attempt)
+        self.attempt += 1
+        return random.uniform(ceiling / 2, ceiling)
+
+    def reset(self) -> None:
+        self.attempt = 0
