@@ -183,7 +183,7 @@ class HttpConfig(Section):
     def _check_listen(cls, value: str | None) -> str | None:
         if value in (None, ""):
             return None
-        host, sep, port = value.rpartition(":")
+        _host, sep, port = value.rpartition(":")
         if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
             raise ValueError(f"expected HOST:PORT, got {value!r}")
         return value

@@ -36,10 +36,8 @@ class Flow:
             return False
         self.messages += 1
         self.bytes += size
-        if self.messages > self.peak_messages:
-            self.peak_messages = self.messages
-        if self.bytes > self.peak_bytes:
-            self.peak_bytes = self.bytes
+        self.peak_messages = max(self.peak_messages, self.messages)
+        self.peak_bytes = max(self.peak_bytes, self.bytes)
         return True
 
     def release(self, size: int) -> None:

@@ -55,7 +55,13 @@ class HttpServer(Service):
             ).encode()
             writer.write(head if method == "HEAD" else head + body)
             await writer.drain()
-        except (TimeoutError, ValueError, OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+        except (
+            TimeoutError,
+            ValueError,
+            OSError,
+            asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError,
+        ):
             pass
         finally:
             writer.close()

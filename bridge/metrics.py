@@ -74,20 +74,28 @@ class BridgeCollector(Collector):
             ("inflight_messages_peak", p.flow.peak_messages, "Highest inflight_messages so far."),
             ("inflight_bytes_peak", p.flow.peak_bytes, "Highest inflight_bytes so far."),
             ("inflight_messages_limit", p.flow.max_messages, "flow.max_inflight."),
-            ("ready", int(p.ready()), "1 when subscribed at the source and connected to the target."),
+            (
+                "ready",
+                int(p.ready()),
+                "1 when subscribed at the source and connected to the target.",
+            ),
         ):
             gauge = GaugeMetricFamily(f"mqtt_bridge_{name}", doc, labels=["direction"])
             gauge.add_metric([d], value)
             yield gauge
         state = GaugeMetricFamily(
-            "mqtt_bridge_connected", "1 when the connection is up.", labels=["direction", "side", "connection"]
+            "mqtt_bridge_connected",
+            "1 when the connection is up.",
+            labels=["direction", "side", "connection"],
         )
         state.add_metric([d, "source", "0"], int(p.source_connected()))
         for i, up in enumerate(p.target_connected()):
             state.add_metric([d, "target", str(i)], int(up))
         yield state
         reconnects = CounterMetricFamily(
-            "mqtt_bridge_reconnects", "Connections lost and re-established.", labels=["direction", "side"]
+            "mqtt_bridge_reconnects",
+            "Connections lost and re-established.",
+            labels=["direction", "side"],
         )
         for side, value in p.reconnects().items():
             reconnects.add_metric([d, side], value)

@@ -129,7 +129,9 @@ class MqttConnection(asyncio.Protocol):
             raise
         except ssl.SSLError as exc:
             self.abort()
-            raise ConnectionFailed(f"TLS handshake with {endpoint} failed: {_ssl_reason(exc)}") from exc
+            raise ConnectionFailed(
+                f"TLS handshake with {endpoint} failed: {_ssl_reason(exc)}"
+            ) from exc
         except TimeoutError as exc:
             self.abort()
             raise ConnectionFailed(f"no CONNACK from {endpoint} within {timeout:g} s") from exc
@@ -145,7 +147,9 @@ class MqttConnection(asyncio.Protocol):
         server_keepalive = self.server_properties.get(codec.SERVER_KEEP_ALIVE)
         self._keepalive = server_keepalive if server_keepalive is not None else opts.keepalive
         if self._keepalive:
-            self._keepalive_handle = self._loop.call_later(self._keepalive / 2, self._keepalive_tick)
+            self._keepalive_handle = self._loop.call_later(
+                self._keepalive / 2, self._keepalive_tick
+            )
 
     @property
     def is_open(self) -> bool:
@@ -375,7 +379,9 @@ class MqttConnection(asyncio.Protocol):
             error = ConnectionFailed(f"connection lost: {exc}")
         self._closed.set_result(None)
         if not self._connack.done():
-            self._connack.set_exception(error or ConnectionFailed("connection closed before CONNACK"))
+            self._connack.set_exception(
+                error or ConnectionFailed("connection closed before CONNACK")
+            )
             self._connack.exception()  # mark retrieved: connect() may already be gone
         for waiter in self._waiters.values():
             if not waiter.done():

@@ -121,7 +121,9 @@ class TargetLink:
         # In-flight messages go back to the head of the queue in their original order.
         self.queue.extendleft(reversed(self.inflight.values()))
         self.inflight.clear()
-        self._log.warning("target.disconnected", reason=str(exc) if exc else "closed", requeued=len(self.queue))
+        self._log.warning(
+            "target.disconnected", reason=str(exc) if exc else "closed", requeued=len(self.queue)
+        )
 
     # ---- lifecycle -----------------------------------------------------------------
 

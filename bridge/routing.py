@@ -95,7 +95,9 @@ class TopicTemplate:
                     )
                 parts.append(n - 1)
             else:
-                raise ValueError(f"unknown placeholder {{{name}}}: use {{1}}, {{2}}, … or {{topic}}")
+                raise ValueError(
+                    f"unknown placeholder {{{name}}}: use {{1}}, {{2}}, … or {{topic}}"
+                )
             pos = found.end()
         if pos < len(text):
             parts.append(text[pos:])
@@ -167,9 +169,17 @@ def patterns_overlap(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
     def overlap(i: int, j: int) -> bool:
         if i == len(a) and j == len(b):
             return True
-        if i < len(a) and a[i] == MANY and (overlap(i + 1, j) or (j < len(b) and overlap(i, j + 1))):
+        if (
+            i < len(a)
+            and a[i] == MANY
+            and (overlap(i + 1, j) or (j < len(b) and overlap(i, j + 1)))
+        ):
             return True
-        if j < len(b) and b[j] == MANY and (overlap(i, j + 1) or (i < len(a) and overlap(i + 1, j))):
+        if (
+            j < len(b)
+            and b[j] == MANY
+            and (overlap(i, j + 1) or (i < len(a) and overlap(i + 1, j)))
+        ):
             return True
         if i == len(a) or j == len(b) or a[i] == MANY or b[j] == MANY:
             return False

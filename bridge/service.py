@@ -46,7 +46,7 @@ class Service:
 class Backoff:
     """Capped exponential backoff with full jitter (no thundering herd after an outage)."""
 
-    def __init__(self, initial: float = 0.2, cap: float = 30.0) -> None:
+    def __init__(self, initial: float = 0.2, cap: float = 10.0) -> None:
         self.initial = initial
         self.cap = cap
         self.attempt = 0

@@ -1,0 +1,55 @@
+"""Promise 1: at-least-once end to end, through worker crashes (kill -9)."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+from bench.harness import Collector, Mosquitto, Publisher, Worker, bridge_config, check, wait_until
+
+
+def test_two_workers_share_group_survive_kill9(
+    tmp_path: Path,
+    source_broker: Mosquitto,
+    target_broker: Mosquitto,
+    workers: list[Worker],
+    topic_prefix: str,
+) -> None:
+    routes = [
+        {
+            "source": f"{topic_prefix}/+/telemetry",
+            "share_group": "svc-a",
+            "target": "dt/{1}/telemetry",
+        }
+    ]
+    topics = [f"{topic_prefix}/dev{i}/telemetry" for i in range(4)]
+
+    def make(instance: str) -> Worker:
+        cfg = bridge_config(source_broker.url, target_broker.url, routes, instance_id=instance)
+        return Worker(tmp_path, cfg)
+
+    a, b = make("dtb-a"), make("dtb-b")
+    workers += [a.start(), b.start()]
+    with Collector(target_broker.url, "dt/#") as collector, Publisher(source_broker.url) as pub:
+        pub.publish_numbered(topics, 20_000, qos=1, rate=4000)
+        wait_until(lambda: collector.count() >= 6000, 60, what="6000 delivered")
+        a.signal(signal.SIGKILL)
+        a.wait(10)
+        time.sleep(1.0)  # the share group keeps assigning to a's session meanwhile
+        restarted = Worker(tmp_path, a.cfg, name="dtb-a-restarted")
+        workers.append(restarted.start())
+        pub.wait_acked(120)
+        acked = pub.acked()
+        assert sum(map(len, acked.values())) == 20_000
+        wait_until(lambda: collector.count() >= 20_000, 120, what="all 20000 delivered")
+        time.sleep(1.0)  # let stragglers and duplicates land
+        report = check(acked, collector.messages, lambda t: "dt/" + t.split("/")[1] + "/telemetry")
+    print(report)
+    assert report.lost == 0, report.lost_examples
+    assert report.unexpected == 0
+    assert report.delivered == 20_000 + report.duplicated
+    m_b = b.metrics()
+    m_a = restarted.metrics()
+    assert m_b["received"] > 0
+    assert m_a["received"] > 0

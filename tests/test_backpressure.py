@@ -1,0 +1,51 @@
+"""Promise 2: bounded memory and real backpressure while the target is down."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from bench.harness import Collector, Mosquitto, Publisher, Worker, bridge_config, check, wait_until
+
+
+def test_target_down_5s_loses_nothing_and_respects_max_inflight(
+    tmp_path: Path,
+    source_broker: Mosquitto,
+    target_broker: Mosquitto,
+    workers: list[Worker],
+    topic_prefix: str,
+) -> None:
+    routes = [{"source": f"{topic_prefix}/#", "target": "out/{topic}"}]
+    cfg = bridge_config(source_broker.url, target_broker.url, routes, flow={"max_inflight": 200})
+    worker = Worker(tmp_path, cfg)
+    workers.append(worker.start())
+    topics = [f"{topic_prefix}/d{i}" for i in range(4)]
+    # The collector's persistent session survives the target's restart (broker persistence).
+    with (
+        Collector(target_broker.url, "out/#", client_id="collector-outage") as collector,
+        Publisher(source_broker.url) as pub,
+    ):
+        publishing = pub.publish_in_background(topics, 12_000, rate=1000)
+        wait_until(lambda: collector.count() >= 500, 30, what="first 500 delivered")
+        target_broker.stop()
+        wait_until(lambda: not worker.ready(), 10, what="readiness to drop")
+        time.sleep(5)
+        during = worker.metrics()
+        target_broker.start()
+        wait_until(worker.ready, 30, what="readiness to return")
+        publishing.join(60)
+        pub.wait_acked(60)
+        acked = pub.acked()
+        wait_until(lambda: collector.count() >= 12_000, 60, what="all delivered")
+        time.sleep(0.5)
+        report = check(acked, collector.messages, lambda t: f"out/{t}")
+    print(report)
+    metrics = worker.metrics()
+    assert report.lost == 0, report.lost_examples
+    assert report.unexpected == 0
+    assert report.out_of_order == 0
+    # The backlog filled the window while the target was away, and never went beyond it.
+    assert during["inflight_messages"] == 200
+    assert metrics["inflight_messages_peak"] == 200
+    assert metrics["reconnects{side=target}"] >= 1
+    assert metrics["inflight_messages"] == 0

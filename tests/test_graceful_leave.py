@@ -1,0 +1,93 @@
+"""Promise 4: SIGTERM drains what is in flight, acknowledges it and exits 0 in time."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+from bench.harness import Collector, Mosquitto, Publisher, Worker, bridge_config, check, wait_until
+
+
+def test_sigterm_with_backlog_exits_clean_without_loss_or_duplicates(
+    tmp_path: Path,
+    source_broker: Mosquitto,
+    target_broker: Mosquitto,
+    workers: list[Worker],
+    topic_prefix: str,
+) -> None:
+    routes = [{"source": f"{topic_prefix}/+", "share_group": "g", "target": "{topic}"}]
+    deadline = 10.0
+    a = Worker(
+        tmp_path,
+        bridge_config(
+            source_broker.url,
+            target_broker.url,
+            routes,
+            instance_id="a",
+            shutdown={"deadline": deadline},
+            flow={"max_inflight": 300},
+        ),
+    )
+    b = Worker(
+        tmp_path, bridge_config(source_broker.url, target_broker.url, routes, instance_id="b")
+    )
+    workers += [a.start(), b.start()]
+    topics = [f"{topic_prefix}/{i}" for i in range(4)]
+    with (
+        Collector(target_broker.url, f"{topic_prefix}/#") as collector,
+        Publisher(source_broker.url) as pub,
+    ):
+        publishing = pub.publish_in_background(topics, 8000, rate=3000)
+        wait_until(lambda: collector.count() >= 1500, 30, what="1500 delivered")
+        # Freeze the target so that worker a holds a full window when told to leave.
+        assert target_broker.proc is not None
+        target_broker.proc.send_signal(signal.SIGSTOP)
+        try:
+            wait_until(lambda: a.metrics()["inflight_messages"] == 300, 30, what="a full window")
+            started = time.monotonic()
+            a.signal(signal.SIGTERM)
+            time.sleep(1.0)
+        finally:
+            target_broker.proc.send_signal(signal.SIGCONT)
+        code = a.wait(deadline + 5)
+        took = time.monotonic() - started
+        publishing.join(60)
+        pub.wait_acked(60)
+        acked = pub.acked()
+        wait_until(lambda: collector.count() >= 8000, 60, what="all delivered")
+        time.sleep(0.5)
+        report = check(acked, collector.messages)
+    print(report, f"exit={code} took={took:.2f}s")
+    assert code == 0
+    assert took < deadline
+    assert report.lost == 0, report.lost_examples
+    assert report.duplicated == 0
+    assert report.unexpected == 0
+    log = a.log_tail(100_000)
+    assert '"drained":true' in log
+
+
+def test_second_signal_exits_at_once(
+    tmp_path: Path, source_broker: Mosquitto, workers: list[Worker], topic_prefix: str
+) -> None:
+    # The target is unreachable, so the drain of the held message cannot finish.
+    dead_target = "mqtt://127.0.0.1:9"
+    cfg = bridge_config(
+        source_broker.url, dead_target, [{"source": f"{topic_prefix}/#"}], shutdown={"deadline": 25}
+    )
+    worker = Worker(tmp_path, cfg)
+    workers.append(worker.start(wait_ready=False))
+    wait_until(lambda: "source.subscribed" in worker.log_tail(), 15, what="subscription")
+    with Publisher(source_broker.url) as pub:
+        pub.publish(f"{topic_prefix}/x", 0)
+        pub.wait_acked(10)
+    wait_until(lambda: worker.metrics()["inflight_messages"] == 1, 10, what="one held message")
+    worker.signal(signal.SIGTERM)
+    time.sleep(0.3)
+    started = time.monotonic()
+    worker.signal(signal.SIGTERM)
+    code = worker.wait(5)
+    assert code != 0
+    assert time.monotonic() - started < 2
+    assert "bridge.forced_exit" in worker.log_tail()
