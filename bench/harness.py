@@ -329,6 +329,25 @@ class Collector:
     def count(self) -> int:
         return len(self.messages)
 
+    def wait_for(self, n: int, timeout: float = 120, stall: float = 10) -> int:
+        """Wait until ``n`` messages arrived, or none arrived for ``stall`` seconds.
+
+        Returns the count instead of raising, so that a shortfall is reported by the
+        oracle as lost messages rather than as a timeout.
+        """
+        deadline = time.monotonic() + timeout
+        last, last_change = -1, time.monotonic()
+        while time.monotonic() < deadline:
+            count = len(self.messages)
+            if count >= n:
+                break
+            if count != last:
+                last, last_change = count, time.monotonic()
+            elif time.monotonic() - last_change > stall:
+                break
+            time.sleep(0.05)
+        return len(self.messages)
+
 
 class Publisher:
     """Publishes numbered payloads ``b'<topic>|<n>|<padding>'``; remembers what the broker acked."""

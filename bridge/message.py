@@ -35,3 +35,5 @@ class Envelope:
     expires_at: float | None  # event-loop time, from the message expiry interval
     route: int
     pending: Pending
+    # Times the target dropped the connection while this message was alone in flight.
+    drops: int = 0

@@ -24,7 +24,7 @@ from bridge.message import Envelope, Pending
 from bridge.metrics import Probe, make_registry
 from bridge.mqtt import Endpoint, SessionOptions
 from bridge.mqtt_codec import Publish
-from bridge.pool import DELIVERED, EXPIRED, TargetLink, TargetPool
+from bridge.pool import DELIVERED, EXPIRED, POISON, POISON_DROPS, TargetLink, TargetPool
 from bridge.routing import TopicFilter, TopicTemplate
 from bridge.source import Source
 from bridge.stats import Stats
@@ -152,7 +152,7 @@ class Bridge:
             return True
         if found is None:
             env = self._envelope(msg, pending, msg.topic, None, 0, None)
-            self._dead_letter(env, "no_route")
+            self._dead_letter(env, "no route matches the topic", "no_route")
             return True
         matched, target_topic = found
         env = self._envelope(msg, pending, target_topic, props, matched.qos, matched)
@@ -216,12 +216,19 @@ class Bridge:
         elif outcome == EXPIRED:
             self.stats.dropped[(pending.route, "expired")] += 1
             pending.acks.complete(pending)
+        elif outcome == POISON:
+            reason = f"target dropped the connection {POISON_DROPS} times on this message"
+            self._dead_letter(env, reason, "connection_dropped")
         else:
-            self._dead_letter(env, f"rejected: {codec.reason_name(outcome)} (0x{outcome:02x})")
+            self._dead_letter(
+                env,
+                f"rejected: {codec.reason_name(outcome)} (0x{outcome:02x})",
+                f"rejected_0x{outcome:02x}",
+            )
 
-    def _dead_letter(self, env: Envelope, reason: str) -> None:
+    def _dead_letter(self, env: Envelope, reason: str, label: str | None = None) -> None:
         pending = env.pending
-        self.stats.dead_lettered[(pending.route, reason.split(" (", 1)[0])] += 1
+        self.stats.dead_lettered[(pending.route, label or reason.split(" (", 1)[0])] += 1
         self.dead_letters.submit(env, reason, lambda: pending.acks.complete(pending))
 
     def _on_target_state(self, index: int, up: bool) -> None:

@@ -26,7 +26,12 @@ from bridge.service import Backoff, Service
 # Outcome of one envelope, reported to the pipeline.
 DELIVERED = 0
 EXPIRED = -1
+POISON = -2
 # Any positive outcome is the target's rejecting reason code (>= 0x80).
+
+# A message alone in flight this many times when the target dropped the connection is
+# refused by the target in the only way it has left: dead-letter it.
+POISON_DROPS = 3
 
 OnDone = Callable[[Envelope, int], None]
 
@@ -56,6 +61,10 @@ class TargetLink:
         self._on_state = on_state
         self._writable = True
         self._closing = False
+        # After a connection drop with messages in flight, publish one at a time until a
+        # PUBACK arrives: that isolates a message the target answers by disconnecting
+        # (IoT Core on an unauthorized publish; Mosquitto 2.0 after PUBACK 0x87).
+        self._probing = False
         self._log = structlog.get_logger().bind(side="target", connection=index)
 
     @property
@@ -75,9 +84,14 @@ class TargetLink:
         inflight = self.inflight
         window = self.window
         on_done = self._on_done
+        if self._probing:
+            window = 1
         now = asyncio.get_running_loop().time()
         while queue and len(inflight) < window and self._writable:
             env = queue.popleft()
+            if env.drops >= POISON_DROPS:
+                on_done(env, POISON)
+                continue
             props = env.properties
             if env.expires_at is not None:
                 remaining = math.ceil(env.expires_at - now)
@@ -105,6 +119,7 @@ class TargetLink:
         env = self.inflight.pop(packet_id, None)
         if env is None or conn is not self.conn:
             return
+        self._probing = False
         self._on_done(env, DELIVERED if reason_code < 0x80 else reason_code)
         self._pump()
 
@@ -118,6 +133,10 @@ class TargetLink:
             return
         self.conn = None
         self._on_state(self.index, False)
+        if self.inflight:
+            if self._probing and len(self.inflight) == 1:
+                next(iter(self.inflight.values())).drops += 1
+            self._probing = True
         # In-flight messages go back to the head of the queue in their original order.
         self.queue.extendleft(reversed(self.inflight.values()))
         self.inflight.clear()

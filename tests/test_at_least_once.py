@@ -34,15 +34,25 @@ def test_two_workers_share_group_survive_kill9(
     with Collector(target_broker.url, "dt/#") as collector, Publisher(source_broker.url) as pub:
         pub.publish_numbered(topics, 20_000, qos=1, rate=4000)
         wait_until(lambda: collector.count() >= 6000, 60, what="6000 delivered")
-        a.signal(signal.SIGKILL)
-        a.wait(10)
+        # Freeze the target so that a dies holding a window of unacknowledged messages:
+        # exactly the ones an acknowledge-on-receipt bridge would lose.
+        assert target_broker.proc is not None
+        target_broker.proc.send_signal(signal.SIGSTOP)
+        try:
+            wait_until(
+                lambda: a.metrics()["inflight_messages"] >= 100, 30, what="a's window to fill"
+            )
+            a.signal(signal.SIGKILL)
+            a.wait(10)
+        finally:
+            target_broker.proc.send_signal(signal.SIGCONT)
         time.sleep(1.0)  # the share group keeps assigning to a's session meanwhile
         restarted = Worker(tmp_path, a.cfg, name="dtb-a-restarted")
         workers.append(restarted.start())
         pub.wait_acked(120)
         acked = pub.acked()
         assert sum(map(len, acked.values())) == 20_000
-        wait_until(lambda: collector.count() >= 20_000, 120, what="all 20000 delivered")
+        collector.wait_for(20_000, 120)
         time.sleep(1.0)  # let stragglers and duplicates land
         report = check(acked, collector.messages, lambda t: "dt/" + t.split("/")[1] + "/telemetry")
     print(report)

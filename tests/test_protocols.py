@@ -40,7 +40,7 @@ def test_mixed_protocols_deliver_everything_mapped(
     ):
         pub.publish_numbered(topics, 900)
         pub.wait_acked()
-        wait_until(lambda: collector.count() >= 900, 30, what="900 delivered")
+        collector.wait_for(900, 30)
         report = check(pub.acked(), collector.messages, lambda t: "cloud/" + t.split("/")[1])
     assert report.lost == 0, report
     assert report.unexpected == 0, report
