@@ -414,6 +414,10 @@ class Publisher:
         thread.start()
         return thread
 
+    @property
+    def sent(self) -> int:
+        return len(self._infos)
+
     def wait_acked(self, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
         for _, _, info in self._infos:

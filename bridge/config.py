@@ -7,12 +7,14 @@ YAML file. Secrets are never inline: ``password_file`` names a file that is read
 from __future__ import annotations
 
 import os
+import ssl
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -26,6 +28,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from bridge.errors import ConfigError
+from bridge.limits import AWS_CLIENT_ID_MAX, AWS_IOT_LIMITS, AWS_KEEPALIVE_RANGE, TopicLimits
 from bridge.routing import (
     TopicFilter,
     TopicTemplate,
@@ -33,6 +36,7 @@ from bridge.routing import (
     patterns_overlap,
     template_pattern,
 )
+from bridge.tls import client_context
 
 HOP_MARKER = "mqtt-bridge-hop"
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
@@ -42,16 +46,80 @@ class Section(BaseModel):
     model_config = _FROZEN
 
 
+def _readable(path: Path) -> Path:
+    try:
+        with path.open("rb") as handle:
+            handle.read(1)
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+    return path
+
+
+ReadableFile = Annotated[Path, AfterValidator(_readable)]
+
+
+class TlsConfig(Section):
+    ca_file: ReadableFile | None = None  # default: the system's CA bundle
+    cert_file: ReadableFile | None = None
+    key_file: ReadableFile | None = None
+    alpn: list[str] = []  # e.g. ["x-amzn-mqtt-ca"] for X.509 on port 443
+    server_name: str | None = None  # SNI and the name verified; default the URL's host
+    _context: ssl.SSLContext | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _build(self) -> TlsConfig:
+        if self.key_file is not None and self.cert_file is None:
+            raise ValueError("key_file needs cert_file")
+        self._context = client_context(self.ca_file, self.cert_file, self.key_file, self.alpn)
+        return self
+
+    @property
+    def context(self) -> ssl.SSLContext:
+        assert self._context is not None
+        return self._context
+
+
+class LimitsConfig(Section):
+    """Per-connection limits of one broker; ``profile`` fills them, keys here override."""
+
+    publish_rate: Annotated[float, Field(gt=0)] | None = None
+    bytes_rate: Annotated[float, Field(gt=0)] | None = None
+    burst: Annotated[float, Field(gt=0, le=1)] = 1.0
+    inflight: Annotated[int, Field(ge=1, le=65535)] | None = None
+    max_payload: Annotated[int, Field(ge=1)] | None = None
+    max_topic_bytes: Annotated[int, Field(ge=1)] | None = None
+    max_topic_slashes: Annotated[int, Field(ge=0)] | None = None
+    subscriptions_per_connection: Annotated[int, Field(ge=1)] | None = None
+    filters_per_subscribe: Annotated[int, Field(ge=1)] | None = None
+    connect_interval: Annotated[float, Field(ge=0)] = 0.0
+    max_qos: Literal[0, 1] = 1
+
+    def topic_limits(self) -> TopicLimits:
+        return TopicLimits(self.max_payload, self.max_topic_bytes, self.max_topic_slashes)
+
+
 class BrokerConfig(Section):
     url: str
     protocol: Literal["5", "3.1.1"] = "5"
+    profile: Literal["generic", "aws-iot"] = "generic"
     session_expiry: Annotated[int, Field(ge=0, le=0xFFFFFFFF)] = 300
     keepalive: Annotated[int, Field(ge=0, le=65535)] = 60
     client_id: str | None = None
     username: str | None = None
-    password_file: Path | None = None
+    password_file: ReadableFile | None = None
     _password: SecretStr | None = PrivateAttr(default=None)
     connect_timeout: Annotated[float, Field(gt=0)] = 10.0
+    tls: TlsConfig | None = None
+    limits: LimitsConfig = LimitsConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_profile(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("profile") == "aws-iot":
+            given = data.get("limits") or {}
+            if isinstance(given, dict):
+                data = {**data, "limits": {**AWS_IOT_LIMITS, **given}}
+        return data
 
     @field_validator("protocol", mode="before")
     @classmethod
@@ -78,16 +146,28 @@ class BrokerConfig(Section):
         return value
 
     @model_validator(mode="after")
-    def _read_password(self) -> BrokerConfig:
+    def _check(self) -> BrokerConfig:
         if self.password_file is not None:
-            try:
-                secret = self.password_file.read_text().rstrip("\r\n")
-            except OSError as exc:
-                raise ValueError(
-                    f"password_file: cannot read {self.password_file}: {exc.strerror}"
-                ) from None
-            self._password = SecretStr(secret)
+            self._password = SecretStr(self.password_file.read_text().rstrip("\r\n"))
+        if self.tls is not None and not self.is_tls:
+            # Never a silent plaintext connection when TLS settings were given.
+            raise ValueError("tls is set but the url is mqtt://: use mqtts://")
+        if self.profile == "aws-iot":
+            low, high = AWS_KEEPALIVE_RANGE
+            if not self.is_tls:
+                raise ValueError("profile aws-iot needs an mqtts:// url (AWS IoT Core is TLS only)")
+            if not low <= self.keepalive <= high:
+                raise ValueError(f"keepalive {self.keepalive}: AWS IoT Core accepts {low}–{high} s")
         return self
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        if not self.is_tls:
+            return None
+        return self.tls.context if self.tls is not None else client_context(None, None, None, [])
+
+    @property
+    def server_name(self) -> str:
+        return (self.tls.server_name if self.tls else None) or self.host
 
     @property
     def password(self) -> SecretStr | None:
@@ -103,7 +183,7 @@ class BrokerConfig(Section):
         return parts.port or (8883 if parts.scheme == "mqtts" else 1883)
 
     @property
-    def tls(self) -> bool:
+    def is_tls(self) -> bool:
         return urlsplit(self.url).scheme == "mqtts"
 
     @property
@@ -251,8 +331,31 @@ class BridgeConfig(BaseSettings):
                 raise ValueError("; ".join(problems))
         return self
 
-    def source_client_id(self) -> str:
-        return self.source.client_id or f"{self.instance_id}-src"
+    @model_validator(mode="after")
+    def _client_ids_fit(self) -> BridgeConfig:
+        for side, ids in (
+            ("source", [self.source_client_id(i) for i in range(self.source_connections)]),
+            ("target", [self.target_client_id(i) for i in range(self.target.connections)]),
+        ):
+            broker: BrokerConfig = getattr(self, side)
+            if broker.profile != "aws-iot":
+                continue
+            for client_id in ids:
+                if len(client_id.encode()) > AWS_CLIENT_ID_MAX or client_id.startswith("$"):
+                    raise ValueError(
+                        f"{side}: client id {client_id!r} breaks AWS IoT Core's rule "
+                        f"(at most {AWS_CLIENT_ID_MAX} bytes, no leading '$')"
+                    )
+        return self
+
+    @property
+    def source_connections(self) -> int:
+        per = self.source.limits.subscriptions_per_connection
+        return 1 if not per else -(-len(self.routes) // per)
+
+    def source_client_id(self, index: int = 0) -> str:
+        base = self.source.client_id or f"{self.instance_id}-src"
+        return base if index == 0 else f"{base}-{index}"
 
     def target_client_id(self, index: int) -> str:
         base = self.target.client_id or f"{self.instance_id}-tgt"

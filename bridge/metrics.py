@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -13,6 +14,10 @@ from bridge import __version__
 from bridge.flow import Flow
 from bridge.stats import Stats
 
+if TYPE_CHECKING:
+    from bridge.pool import TargetLink
+    from bridge.source import SourceLink
+
 
 @dataclass(slots=True)
 class Probe:
@@ -21,9 +26,8 @@ class Probe:
     direction: str
     stats: Stats
     flow: Flow
-    source_connected: Callable[[], bool]
-    target_connected: Callable[[], list[bool]]
-    reconnects: Callable[[], dict[str, int]]
+    sources: list[SourceLink]
+    targets: list[TargetLink]
     ready: Callable[[], bool]
 
 
@@ -83,26 +87,63 @@ class BridgeCollector(Collector):
             gauge = GaugeMetricFamily(f"mqtt_bridge_{name}", doc, labels=["direction"])
             gauge.add_metric([d], value)
             yield gauge
-        state = GaugeMetricFamily(
-            "mqtt_bridge_connected",
-            "1 when the connection is up.",
-            labels=["direction", "side", "connection"],
-        )
-        state.add_metric([d, "source", "0"], int(p.source_connected()))
-        for i, up in enumerate(p.target_connected()):
-            state.add_metric([d, "target", str(i)], int(up))
-        yield state
-        reconnects = CounterMetricFamily(
-            "mqtt_bridge_reconnects",
-            "Connections lost and re-established.",
-            labels=["direction", "side"],
-        )
-        for side, value in p.reconnects().items():
-            reconnects.add_metric([d, side], value)
-        yield reconnects
+        yield from self._connections(d)
         info = GaugeMetricFamily("mqtt_bridge_build_info", "Build information.", labels=["version"])
         info.add_metric([__version__], 1)
         yield info
+
+    def _connections(self, d: str) -> Iterator[Metric]:
+        p = self.probe
+        state = GaugeMetricFamily(
+            "mqtt_bridge_connected",
+            "1 when the connection is up (source: subscribed).",
+            labels=["direction", "side", "connection"],
+        )
+        reconnects = CounterMetricFamily(
+            "mqtt_bridge_reconnects",
+            "Connections lost and re-established.",
+            labels=["direction", "side", "connection"],
+        )
+        for link in p.sources:
+            state.add_metric([d, "source", str(link.index)], int(link.subscribed))
+            reconnects.add_metric([d, "source", str(link.index)], link.reconnects)
+        published = CounterMetricFamily(
+            "mqtt_bridge_connection_published",
+            "Messages a target connection got acknowledged.",
+            labels=["direction", "connection"],
+        )
+        window = GaugeMetricFamily(
+            "mqtt_bridge_connection_window",
+            "In-flight window of a target connection (shrinks on 0x93, and on 0x97 when unpaced).",
+            labels=["direction", "connection"],
+        )
+        rate = GaugeMetricFamily(
+            "mqtt_bridge_connection_rate_limit",
+            "Publish rate a target connection may use now (0 = unpaced); drops on 0x97.",
+            labels=["direction", "connection"],
+        )
+        throttled = CounterMetricFamily(
+            "mqtt_bridge_throttled",
+            "Quota-exceeded answers (0x97) from the target.",
+            labels=["direction", "connection", "reason"],
+        )
+        disconnects = CounterMetricFamily(
+            "mqtt_bridge_disconnects",
+            "DISCONNECTs from the target by reason (session_taken_over: a client id collision).",
+            labels=["direction", "connection", "reason"],
+        )
+        for target in p.targets:
+            i = str(target.index)
+            state.add_metric([d, "target", i], int(target.connected))
+            reconnects.add_metric([d, "target", i], target.reconnects)
+            published.add_metric([d, i], target.published)
+            window.add_metric([d, i], target.window)
+            rate.add_metric([d, i], target.rate_limit)
+            for reason, count in target.throttled.items():
+                throttled.add_metric([d, i, reason], count)
+            for reason, count in target.disconnects.items():
+                disconnects.add_metric([d, i, reason], count)
+        yield from (state, reconnects, published, window, rate, throttled, disconnects)
 
 
 def make_registry(probe: Probe) -> Callable[[], bytes]:

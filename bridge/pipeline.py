@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ssl
 
 import orjson
 import structlog
@@ -24,9 +23,17 @@ from bridge.message import Envelope, Pending
 from bridge.metrics import Probe, make_registry
 from bridge.mqtt import Endpoint, SessionOptions
 from bridge.mqtt_codec import Publish
-from bridge.pool import DELIVERED, EXPIRED, POISON, POISON_DROPS, TargetLink, TargetPool
+from bridge.pool import (
+    DELIVERED,
+    EXPIRED,
+    POISON,
+    POISON_DROPS,
+    Pacing,
+    TargetLink,
+    TargetPool,
+)
 from bridge.routing import TopicFilter, TopicTemplate
-from bridge.source import Source
+from bridge.source import Source, SourceLink, plan_subscriptions
 from bridge.stats import Stats
 
 # MQTT 5 properties a republished message keeps. Topic alias and subscription
@@ -44,8 +51,7 @@ def protocol_level(broker: BrokerConfig) -> int:
 
 
 def endpoint_of(broker: BrokerConfig) -> Endpoint:
-    context = ssl.create_default_context() if broker.tls else None
-    return Endpoint(broker.host, broker.port, context)
+    return Endpoint(broker.host, broker.port, broker.ssl_context(), broker.server_name)
 
 
 class CompiledRoute:
@@ -82,53 +88,77 @@ class Bridge:
         self._target_v5 = cfg.target.protocol == "5"
         self._marker = (HOP_MARKER, cfg.instance_id)
         self._loop = asyncio.get_running_loop()
-        src_level = protocol_level(cfg.source)
-        self.source = Source(
-            endpoint_of(cfg.source),
-            SessionOptions(
-                client_id=cfg.source_client_id(),
-                protocol=src_level,
-                clean_start=False,
-                session_expiry=cfg.source.session_expiry,
-                keepalive=cfg.source.keepalive,
-                # MQTT 5 lets us tell the broker our window: it stops sending at the cap.
-                receive_maximum=cfg.flow.max_inflight,
-                username=cfg.source.username,
-                password=_password(cfg.source),
-            ),
-            [(r.subscription, r.qos) for r in cfg.routes],
-            self.flow,
-            self._handle,
-            cfg.source.connect_timeout,
-            self.stats,
+        self.topic_limits = cfg.target.limits.topic_limits()
+        self._check_limits = self.topic_limits.active
+        self.source = self._make_source(cfg)
+        self.pool = self._make_pool(cfg)
+        self._http: HttpServer | None = None
+        self._stack = contextlib.AsyncExitStack()
+
+    def _make_source(self, cfg: BridgeConfig) -> Source:
+        src = cfg.source
+        endpoint = endpoint_of(src)
+        plan = plan_subscriptions(
+            [(r.subscription, r.qos) for r in cfg.routes], src.limits.subscriptions_per_connection
         )
-        tgt_level = protocol_level(cfg.target)
-        self.pool = TargetPool(
+        links = [
+            SourceLink(
+                i,
+                endpoint,
+                SessionOptions(
+                    client_id=cfg.source_client_id(i),
+                    protocol=protocol_level(src),
+                    clean_start=False,
+                    session_expiry=src.session_expiry,
+                    keepalive=src.keepalive,
+                    # MQTT 5 lets us tell the broker our window: it stops sending at the cap.
+                    receive_maximum=min(cfg.flow.max_inflight, src.limits.inflight or 65535),
+                    username=src.username,
+                    password=_password(src),
+                ),
+                subscriptions,
+                src.limits.filters_per_subscribe,
+                src.limits.connect_interval,
+                self.flow,
+                self._handle,
+                src.connect_timeout,
+                self.stats,
+            )
+            for i, subscriptions in enumerate(plan)
+        ]
+        return Source(links, self.flow)
+
+    def _make_pool(self, cfg: BridgeConfig) -> TargetPool:
+        tgt = cfg.target
+        endpoint = endpoint_of(tgt)
+        limits = tgt.limits
+        pacing = Pacing(
+            limits.publish_rate, limits.bytes_rate, limits.burst, limits.connect_interval
+        )
+        return TargetPool(
             [
                 TargetLink(
                     i,
-                    endpoint_of(cfg.target),
+                    endpoint,
                     SessionOptions(
                         client_id=cfg.target_client_id(i),
-                        protocol=tgt_level,
+                        protocol=protocol_level(tgt),
                         # The bridge retransmits what was in flight itself; a stored
                         # session on the target would only add a second copy.
                         clean_start=True,
-                        session_expiry=cfg.target.session_expiry,
-                        keepalive=cfg.target.keepalive,
-                        username=cfg.target.username,
-                        password=_password(cfg.target),
+                        session_expiry=tgt.session_expiry,
+                        keepalive=tgt.keepalive,
+                        username=tgt.username,
+                        password=_password(tgt),
                     ),
-                    window=min(cfg.flow.max_inflight, 65535),
-                    connect_timeout=cfg.target.connect_timeout,
+                    window=min(cfg.flow.max_inflight, limits.inflight or 65535),
+                    connect_timeout=tgt.connect_timeout,
+                    pacing=pacing,
                     on_done=self._on_done,
-                    on_state=self._on_target_state,
                 )
-                for i in range(cfg.target.connections)
+                for i in range(tgt.connections)
             ]
         )
-        self._http: HttpServer | None = None
-        self._stack = contextlib.AsyncExitStack()
 
     # ---- hot path ------------------------------------------------------------------
 
@@ -156,6 +186,11 @@ class Bridge:
             return True
         matched, target_topic = found
         env = self._envelope(msg, pending, target_topic, props, matched.qos, matched)
+        if self._check_limits:
+            problem = self.topic_limits.violation(env.topic, size)
+            if problem is not None:
+                self._dead_letter(env, problem, problem.split(":", 1)[0])
+                return True
         self.pool.submit(env)
         return True
 
@@ -231,10 +266,6 @@ class Bridge:
         self.stats.dead_lettered[(pending.route, label or reason.split(" (", 1)[0])] += 1
         self.dead_letters.submit(env, reason, lambda: pending.acks.complete(pending))
 
-    def _on_target_state(self, index: int, up: bool) -> None:
-        if not up:
-            self.log.warning("target.down", connection=index)
-
     # ---- lifecycle -----------------------------------------------------------------
 
     @property
@@ -249,12 +280,8 @@ class Bridge:
                 direction=self.cfg.direction,
                 stats=self.stats,
                 flow=self.flow,
-                source_connected=lambda: self.source.subscribed,
-                target_connected=lambda: [link.connected for link in self.pool.links],
-                reconnects=lambda: {
-                    "source": self.source.reconnects,
-                    "target": sum(link.reconnects for link in self.pool.links),
-                },
+                sources=self.source.links,
+                targets=self.pool.links,
                 ready=lambda: self.ready,
             )
             metrics = make_registry(probe)

@@ -1,4 +1,4 @@
-"""Target connections: each has an in-flight window, a queue, and reconnects on loss.
+"""Target connections: each has a paced, windowed queue and reconnects on loss.
 
 A topic always goes to the same connection (CRC32 of the topic), and a connection
 publishes in submission order, so order per source topic holds with several
@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import math
+import random
 import zlib
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import structlog
 
@@ -21,6 +23,7 @@ from bridge.errors import ConnectionFailed
 from bridge.message import Envelope
 from bridge.mqtt import Endpoint, MqttConnection, SessionOptions
 from bridge.mqtt_codec import Publish
+from bridge.pacing import Throttle, TokenBucket
 from bridge.service import Backoff, Service
 
 # Outcome of one envelope, reported to the pipeline.
@@ -33,7 +36,19 @@ POISON = -2
 # refused by the target in the only way it has left: dead-letter it.
 POISON_DROPS = 3
 
+QUOTA_EXCEEDED = 0x97
+SESSION_TAKEN_OVER = 0x8E
+RECEIVE_MAXIMUM_EXCEEDED = 0x93
+
 OnDone = Callable[[Envelope, int], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Pacing:
+    publish_rate: float | None = None  # messages/s per connection
+    bytes_rate: float | None = None  # bytes/s per connection
+    burst: float = 1.0  # seconds' worth of tokens a bucket holds
+    connect_interval: float = 0.0  # minimum seconds between CONNECTs of one client id
 
 
 class TargetLink:
@@ -44,8 +59,8 @@ class TargetLink:
         options: SessionOptions,
         window: int,
         connect_timeout: float,
+        pacing: Pacing,
         on_done: OnDone,
-        on_state: Callable[[int, bool], None],
     ) -> None:
         self.index = index
         self.endpoint = endpoint
@@ -53,45 +68,73 @@ class TargetLink:
         self.max_window = window
         self.window = window
         self.connect_timeout = connect_timeout
+        self.pacing = pacing
         self.queue: deque[Envelope] = deque()
         self.inflight: dict[int, Envelope] = {}
         self.conn: MqttConnection | None = None
         self.reconnects = 0
+        self.published = 0
+        self.throttled: Counter[str] = Counter()
+        self.disconnects: Counter[str] = Counter()
         self._on_done = on_done
-        self._on_state = on_state
         self._writable = True
         self._closing = False
         # After a connection drop with messages in flight, publish one at a time until a
         # PUBACK arrives: that isolates a message the target answers by disconnecting
         # (IoT Core on an unauthorized publish; Mosquitto 2.0 after PUBACK 0x87).
         self._probing = False
+        self._loop = asyncio.get_running_loop()
+        now = self._loop.time()
+        self._throttle = Throttle()
+        self._messages = (
+            TokenBucket(pacing.publish_rate, pacing.burst, now) if pacing.publish_rate else None
+        )
+        self._bytes = (
+            TokenBucket(pacing.bytes_rate, pacing.burst, now) if pacing.bytes_rate else None
+        )
+        self._timer: asyncio.TimerHandle | None = None
+        self._last_connect = -math.inf
         self._log = structlog.get_logger().bind(side="target", connection=index)
 
     @property
     def connected(self) -> bool:
         return self.conn is not None
 
+    @property
+    def rate_limit(self) -> float:
+        """The publish rate currently allowed (0 when unpaced)."""
+        return self._messages.rate if self._messages is not None else 0.0
+
     def submit(self, env: Envelope) -> None:
         self.queue.append(env)
-        if self.conn is not None and self._writable and len(self.inflight) < self.window:
+        if len(self.queue) == 1:
             self._pump()
 
     def _pump(self) -> None:
         conn = self.conn
-        if conn is None:
+        if conn is None or self._timer is not None:
             return
         queue = self.queue
         inflight = self.inflight
-        window = self.window
+        window = 1 if self._probing else self.window
         on_done = self._on_done
-        if self._probing:
-            window = 1
-        now = asyncio.get_running_loop().time()
+        now = self._loop.time()
+        messages, size_bucket = self._messages, self._bytes
         while queue and len(inflight) < window and self._writable:
-            env = queue.popleft()
+            env = queue[0]
             if env.drops >= POISON_DROPS:
+                queue.popleft()
                 on_done(env, POISON)
                 continue
+            wait = messages.delay(1, now) if messages is not None else 0.0
+            if not wait and size_bucket is not None:
+                wait = size_bucket.delay(len(env.payload), now)
+                if wait and messages is not None:
+                    messages.tokens += 1  # give back: nothing was sent
+            if wait:
+                self._timer = self._loop.call_later(wait, self._resume)
+                return
+            queue.popleft()
             props = env.properties
             if env.expires_at is not None:
                 remaining = math.ceil(env.expires_at - now)
@@ -105,7 +148,28 @@ class TargetLink:
                 inflight[packet_id] = env
             else:
                 # QoS 0 has no acknowledgement: handing it to the socket is all there is.
+                self.published += 1
                 on_done(env, DELIVERED)
+
+    def _resume(self) -> None:
+        self._timer = None
+        self._pump()
+
+    def _apply_throttle(self, now: float) -> None:
+        factor = self._throttle.hit(now)
+        if self._messages is not None and self.pacing.publish_rate:
+            self._messages.set_rate(self.pacing.publish_rate * factor, self.pacing.burst)
+        else:
+            self.window = max(1, math.ceil(self.max_window * factor))
+
+    def _recover(self, now: float) -> None:
+        if not self._throttle.events:
+            return
+        factor = self._throttle.factor(now)
+        if self._messages is not None and self.pacing.publish_rate:
+            self._messages.set_rate(self.pacing.publish_rate * factor, self.pacing.burst)
+        else:
+            self.window = max(1, math.ceil(self.max_window * factor))
 
     # ---- mqtt.Listener -------------------------------------------------------------
 
@@ -120,7 +184,23 @@ class TargetLink:
         if env is None or conn is not self.conn:
             return
         self._probing = False
-        self._on_done(env, DELIVERED if reason_code < 0x80 else reason_code)
+        now = self._loop.time()
+        if reason_code == QUOTA_EXCEEDED:
+            # Not the message's fault: slow this connection down and send it again.
+            self.throttled["quota_exceeded"] += 1
+            self._apply_throttle(now)
+            self.queue.appendleft(env)
+            self._log.warning(
+                "target.throttled",
+                reason="quota exceeded (0x97)",
+                rate=self.rate_limit,
+                window=self.window,
+            )
+        else:
+            if reason_code < 0x80:
+                self.published += 1
+            self._recover(now)
+            self._on_done(env, DELIVERED if reason_code < 0x80 else reason_code)
         self._pump()
 
     def on_writable(self, conn: MqttConnection, writable: bool) -> None:
@@ -132,7 +212,25 @@ class TargetLink:
         if conn is not self.conn:
             return
         self.conn = None
-        self._on_state(self.index, False)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        reason = conn.disconnect_reason
+        if reason is not None:
+            self.disconnects[codec.reason_name(reason).replace(" ", "_")] += 1
+        if reason == SESSION_TAKEN_OVER:
+            self._log.error(
+                "target.session_taken_over",
+                client_id=self.options.client_id,
+                hint="another connection uses this client id: do two workers share an instance_id?",
+            )
+        elif reason == RECEIVE_MAXIMUM_EXCEEDED:
+            self.max_window = max(1, self.window // 2)
+            self.window = self.max_window
+            self._log.warning("target.window_shrunk", window=self.window)
+        elif reason == QUOTA_EXCEEDED:
+            self.throttled["disconnect_quota_exceeded"] += 1
+            self._apply_throttle(self._loop.time())
         if self.inflight:
             if self._probing and len(self.inflight) == 1:
                 next(iter(self.inflight.values())).drops += 1
@@ -140,15 +238,19 @@ class TargetLink:
         # In-flight messages go back to the head of the queue in their original order.
         self.queue.extendleft(reversed(self.inflight.values()))
         self.inflight.clear()
-        self._log.warning(
-            "target.disconnected", reason=str(exc) if exc else "closed", requeued=len(self.queue)
-        )
+        if not self._closing:
+            self._log.warning(
+                "target.disconnected",
+                reason=str(exc) if exc else "closed",
+                requeued=len(self.queue),
+            )
 
     # ---- lifecycle -----------------------------------------------------------------
 
     async def run(self) -> None:
         backoff = Backoff()
         while True:
+            await self._pace_connect()
             conn = MqttConnection(self.options, self)
             try:
                 await conn.connect(self.endpoint, self.connect_timeout)
@@ -157,11 +259,9 @@ class TargetLink:
                 self._log.warning("target.connect_failed", error=str(exc), retry_in=round(delay, 2))
                 await asyncio.sleep(delay)
                 continue
-            backoff.reset()
             self.conn = conn
             self._writable = True
             self.window = min(self.max_window, conn.server_receive_maximum)
-            self._on_state(self.index, True)
             self._log.info(
                 "target.connected",
                 endpoint=str(self.endpoint),
@@ -174,10 +274,26 @@ class TargetLink:
             if self._closing:
                 return
             self.reconnects += 1
+            if conn.disconnect_reason != SESSION_TAKEN_OVER:
+                backoff.reset()  # a takeover keeps growing the delay: two owners must not ping-pong
             await asyncio.sleep(backoff.next_delay())
+
+    async def _pace_connect(self) -> None:
+        interval = self.pacing.connect_interval
+        if interval:
+            # Jitter spreads the CONNECTs of many workers restarted at once.
+            wait = (
+                self._last_connect + interval - self._loop.time() + random.uniform(0, interval / 2)
+            )
+            if wait > 0:
+                await asyncio.sleep(wait)
+        self._last_connect = self._loop.time()
 
     async def close(self) -> None:
         self._closing = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         conn, self.conn = self.conn, None
         if conn is not None:
             await conn.disconnect()
@@ -204,10 +320,6 @@ class TargetPool(Service):
     @property
     def connected(self) -> bool:
         return all(link.connected for link in self.links)
-
-    @property
-    def outstanding(self) -> int:
-        return sum(len(link.queue) + len(link.inflight) for link in self.links)
 
     async def close(self) -> None:
         await asyncio.gather(*(link.close() for link in self.links))

@@ -1,8 +1,15 @@
-"""The source side: one persistent session that consumes every route's subscription."""
+"""The source side: persistent sessions that consume every route's subscription.
+
+Usually one connection. A broker that caps subscriptions per connection (AWS IoT
+Core: 50) gets several, each with its own stable client id, session and in-order
+acknowledgement queue; all share one flow bound.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import math
+import random
 from collections.abc import Callable
 
 import structlog
@@ -17,43 +24,59 @@ from bridge.stats import Stats
 Handler = Callable[[AckQueue, Publish], bool]
 
 
-class Source(Service):
-    """Connects with a stable client id and clean start off, so a restarted worker
+def plan_subscriptions(
+    filters: list[tuple[str, int]], per_connection: int | None
+) -> list[list[tuple[str, int]]]:
+    """Spread subscriptions over as few connections as the per-connection cap allows."""
+    if not per_connection or len(filters) <= per_connection:
+        return [filters]
+    return [filters[i : i + per_connection] for i in range(0, len(filters), per_connection)]
+
+
+class SourceLink:
+    """One source connection: connects with clean start off, so a restarted worker
     resumes its session and gets back what it had not acknowledged."""
 
     def __init__(
         self,
+        index: int,
         endpoint: Endpoint,
         options: SessionOptions,
         subscriptions: list[tuple[str, int]],
+        per_subscribe: int | None,
+        connect_interval: float,
         flow: Flow,
         handler: Handler,
         connect_timeout: float,
         stats: Stats,
     ) -> None:
-        super().__init__()
+        self.index = index
         self.endpoint = endpoint
         self.options = options
         self.subscriptions = subscriptions
+        self.per_subscribe = per_subscribe or len(subscriptions)
+        self.connect_interval = connect_interval
         self.flow = flow
         self.subscribed = False
         self.reconnects = 0
         self.last_received = 0.0
         self._handler = handler
-        self._stats = stats
         self._connect_timeout = connect_timeout
+        self._stats = stats
         self._conn: MqttConnection | None = None
         self._acks: AckQueue | None = None
         self._leaving = False
-        self._log = structlog.get_logger().bind(side="source")
-        self._unwatch = flow.on_space(self._on_space)
-
-    async def start(self) -> None:
-        self.spawn(self.run(), name="source")
+        self._last_connect = -math.inf
+        self._log = structlog.get_logger().bind(side="source", connection=index)
 
     async def run(self) -> None:
         backoff = Backoff()
+        loop = asyncio.get_running_loop()
         while not self._leaving:
+            if self.connect_interval:
+                wait = self._last_connect + self.connect_interval - loop.time()
+                await asyncio.sleep(max(0.0, wait) + random.uniform(0, self.connect_interval / 2))
+            self._last_connect = loop.time()
             conn = MqttConnection(self.options, self)
             self._conn, self._acks = conn, AckQueue(self.flow, conn, self._stats)
             try:
@@ -79,19 +102,25 @@ class Source(Service):
             await asyncio.sleep(backoff.next_delay())
 
     async def _subscribe(self, conn: MqttConnection) -> None:
-        # Retain As Published: a route with `retain: true` must see the publisher's flag.
-        codes = await conn.subscribe(self.subscriptions, retain_as_published=True)
-        refused = [
-            f"{topic} ({reason_name(code)})"
-            for (topic, _), code in zip(self.subscriptions, codes, strict=False)
-            if code >= 0x80
-        ]
-        if refused or len(codes) != len(self.subscriptions):
-            raise ConnectionFailed(f"subscription refused: {', '.join(refused) or 'bad SUBACK'}")
+        refused = []
+        step = self.per_subscribe
+        for start in range(0, len(self.subscriptions), step):
+            batch = self.subscriptions[start : start + step]
+            # Retain As Published: a route with `retain: true` must see the publisher's flag.
+            codes = await conn.subscribe(batch, retain_as_published=True)
+            if len(codes) != len(batch):
+                raise ConnectionFailed("SUBACK does not answer every filter")
+            refused += [
+                f"{topic} ({reason_name(code)})"
+                for (topic, _), code in zip(batch, codes, strict=True)
+                if code >= 0x80
+            ]
+        if refused:
+            raise ConnectionFailed(f"subscription refused: {', '.join(refused)}")
         self.subscribed = True
         self._log.info("source.subscribed", filters=[topic for topic, _ in self.subscriptions])
 
-    def _on_space(self) -> None:
+    def wake(self) -> None:
         if self._conn is not None:
             self._conn.resume()
 
@@ -116,7 +145,13 @@ class Source(Service):
         if self._acks is not None:
             self._acks.detach()
         was_subscribed, self.subscribed = self.subscribed, False
-        if was_subscribed and not self._leaving:
+        if conn.disconnect_reason == 0x8E:
+            self._log.error(
+                "source.session_taken_over",
+                client_id=self.options.client_id,
+                hint="another connection uses this client id: do two workers share an instance_id?",
+            )
+        elif was_subscribed and not self._leaving:
             self._log.warning("source.disconnected", reason=str(exc) if exc else "closed")
 
     # ---- graceful leave ------------------------------------------------------------
@@ -127,14 +162,49 @@ class Source(Service):
         self.subscribed = False
         if conn is None or not conn.is_open:
             return
+        topics = [topic for topic, _ in self.subscriptions]
         try:
-            await conn.unsubscribe([topic for topic, _ in self.subscriptions], timeout=5.0)
+            for start in range(0, len(topics), self.per_subscribe):
+                await conn.unsubscribe(topics[start : start + self.per_subscribe], timeout=5.0)
         except ConnectionFailed as exc:
             self._log.warning("source.unsubscribe_failed", error=str(exc))
 
     async def close(self, session_expiry: int | None) -> None:
         self._leaving = True
-        self._unwatch()
         conn = self._conn
         if conn is not None:
             await conn.disconnect(session_expiry=session_expiry)
+
+
+class Source(Service):
+    def __init__(self, links: list[SourceLink], flow: Flow) -> None:
+        super().__init__()
+        self.links = links
+        self._unwatch = flow.on_space(self._wake_all)
+
+    async def start(self) -> None:
+        for link in self.links:
+            self.spawn(link.run(), name=f"source-{link.index}")
+
+    def _wake_all(self) -> None:
+        for link in self.links:
+            link.wake()
+
+    @property
+    def subscribed(self) -> bool:
+        return all(link.subscribed for link in self.links)
+
+    @property
+    def reconnects(self) -> int:
+        return sum(link.reconnects for link in self.links)
+
+    @property
+    def last_received(self) -> float:
+        return max(link.last_received for link in self.links)
+
+    async def unsubscribe(self) -> None:
+        await asyncio.gather(*(link.unsubscribe() for link in self.links))
+
+    async def close(self, session_expiry: int | None) -> None:
+        self._unwatch()
+        await asyncio.gather(*(link.close(session_expiry) for link in self.links))

@@ -32,8 +32,10 @@ def test_two_workers_share_group_survive_kill9(
     a, b = make("dtb-a"), make("dtb-b")
     workers += [a.start(), b.start()]
     with Collector(target_broker.url, "dt/#") as collector, Publisher(source_broker.url) as pub:
-        pub.publish_numbered(topics, 20_000, qos=1, rate=4000)
-        wait_until(lambda: collector.count() >= 6000, 60, what="6000 delivered")
+        publishing = pub.publish_in_background(topics, 20_000, qos=1, rate=3000)
+        # Act on the publisher's progress, not the collector's: the freeze below must
+        # come while messages are still flowing, however slow this machine is today.
+        wait_until(lambda: pub.sent >= 6000 and collector.count() >= 1000, 60, what="6000 sent")
         # Freeze the target so that a dies holding a window of unacknowledged messages:
         # exactly the ones an acknowledge-on-receipt bridge would lose.
         assert target_broker.proc is not None
@@ -49,6 +51,7 @@ def test_two_workers_share_group_survive_kill9(
         time.sleep(1.0)  # the share group keeps assigning to a's session meanwhile
         restarted = Worker(tmp_path, a.cfg, name="dtb-a-restarted")
         workers.append(restarted.start())
+        publishing.join(60)
         pub.wait_acked(120)
         acked = pub.acked()
         assert sum(map(len, acked.values())) == 20_000

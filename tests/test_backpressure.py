@@ -26,7 +26,7 @@ def test_target_down_5s_loses_nothing_and_respects_max_inflight(
         Publisher(source_broker.url) as pub,
     ):
         publishing = pub.publish_in_background(topics, 12_000, rate=1000)
-        wait_until(lambda: collector.count() >= 500, 30, what="first 500 delivered")
+        wait_until(lambda: pub.sent >= 2000 and collector.count() >= 500, 30, what="2000 sent")
         target_broker.stop()
         wait_until(lambda: not worker.ready(), 10, what="readiness to drop")
         time.sleep(5)

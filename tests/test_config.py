@@ -100,7 +100,7 @@ def test_valid_config_prints_effective_config(
         ({"source__protocol": "4"}, "source.protocol: must be '5' or '3.1.1'"),
         (
             {"source__password_file": "/nonexistent/pw"},
-            "source: password_file: cannot read /nonexistent/pw: No such file or directory",
+            "source.password_file: cannot read /nonexistent/pw: No such file or directory",
         ),
         (
             {"flow": {"max_inflight": 0}},

@@ -99,7 +99,7 @@ def test_mqtt5_properties_pass_through(
     assert got.properties["PayloadFormatIndicator"] == 1
     assert got.properties["ResponseTopic"] == "reply/here"
     assert got.properties["CorrelationData"] == b"\x00\x01corr"
-    assert 3590 <= got.properties["MessageExpiryInterval"] <= 3600
+    assert 3590 <= got.properties["MessageExpiryInterval"] <= 3600, got.properties
     plain = by_topic["out/rest/dev/2"]
     assert plain.user_properties == [(HOP, "w-0")]
     assert "MessageExpiryInterval" not in plain.properties

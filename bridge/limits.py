@@ -1,0 +1,64 @@
+"""What a target can take, checked before publishing: pure functions, no I/O.
+
+AWS IoT Core's published quotas are the ``aws-iot`` profile; any value can be
+overridden in ``limits``. A message that breaks a limit can never be accepted, so it
+is dead-lettered instead of retried.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+AWS_IOT_LIMITS: dict[str, Any] = {
+    "publish_rate": 100.0,  # publishes per second per connection (not adjustable)
+    "bytes_rate": 512 * 1024,  # bytes per second per connection (not adjustable)
+    "burst": 0.1,  # seconds' worth: a full second would allow 2x the rate in some 1 s window
+    "inflight": 100,  # unacknowledged QoS 1 publishes per client
+    "max_payload": 128 * 1024,
+    "max_topic_bytes": 256,
+    "max_topic_slashes": 7,  # the $aws/rules/<rule>/ prefix does not count
+    "subscriptions_per_connection": 50,
+    "filters_per_subscribe": 8,
+    "connect_interval": 1.0,  # CONNECTs per second per client id
+    "max_qos": 1,
+}
+AWS_KEEPALIVE_RANGE = (30, 1200)
+AWS_CLIENT_ID_MAX = 128
+_RULES_PREFIX = "$aws/rules/"
+
+
+@dataclass(frozen=True, slots=True)
+class TopicLimits:
+    max_payload: int | None = None
+    max_topic_bytes: int | None = None
+    max_topic_slashes: int | None = None
+
+    @property
+    def active(self) -> bool:
+        return any(
+            v is not None for v in (self.max_payload, self.max_topic_bytes, self.max_topic_slashes)
+        )
+
+    def violation(self, topic: bytes, payload_size: int) -> str | None:
+        """The reason the target can never take this message, or None."""
+        if self.max_payload is not None and payload_size > self.max_payload:
+            return f"payload_too_large: {payload_size} bytes > {self.max_payload}"
+        counted = _without_rules_prefix(topic)
+        if self.max_topic_bytes is not None and len(counted) > self.max_topic_bytes:
+            return f"topic_too_long: {len(counted)} bytes > {self.max_topic_bytes}"
+        if self.max_topic_slashes is not None:
+            slashes = counted.count(b"/")
+            if slashes > self.max_topic_slashes:
+                return f"topic_too_deep: {slashes} slashes > {self.max_topic_slashes}"
+        if topic.startswith(b"$") and not topic.startswith(_RULES_PREFIX.encode()):
+            return "reserved_topic: topics starting with '$' are reserved by the broker"
+        return None
+
+
+def _without_rules_prefix(topic: bytes) -> bytes:
+    """``$aws/rules/<rule>/rest`` counts as ``rest`` for AWS's topic limits."""
+    if topic.startswith(b"$aws/rules/"):
+        parts = topic.split(b"/", 3)
+        return parts[3] if len(parts) == 4 else b""
+    return topic
