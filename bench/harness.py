@@ -130,8 +130,8 @@ class Mosquitto:
 
 
 def bridge_config(
-    source: str,
-    target: str,
+    source_url: str,
+    target_url: str,
     routes: list[dict[str, Any]],
     instance_id: str = "w-0",
     direction: str = "dtb",
@@ -143,8 +143,8 @@ def bridge_config(
     cfg: dict[str, Any] = {
         "instance_id": instance_id,
         "direction": direction,
-        "source": {"url": source, "protocol": source_protocol},
-        "target": {"url": target, "protocol": target_protocol},
+        "source": {"url": source_url, "protocol": source_protocol},
+        "target": {"url": target_url, "protocol": target_protocol},
         "routes": routes,
         "http": {"listen": f"127.0.0.1:{http_port or free_port()}"},
         "log": {"stats_interval": 2},

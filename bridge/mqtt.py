@@ -391,5 +391,11 @@ class MqttConnection(asyncio.Protocol):
 
 def _ssl_reason(exc: ssl.SSLError) -> str:
     if isinstance(exc, ssl.SSLCertVerificationError):
-        return exc.verify_message or str(exc)
+        # Name the setting to look at: the operator reads this line at 3 a.m.
+        hint = (
+            "check tls.server_name"
+            if "Hostname mismatch" in str(exc.verify_message)
+            else ("check tls.ca_file and the broker's certificate dates")
+        )
+        return f"certificate verify failed: {exc.verify_message} ({hint})"
     return exc.reason or str(exc)

@@ -137,7 +137,8 @@ class TargetLink:
             queue.popleft()
             props = env.properties
             if env.expires_at is not None:
-                remaining = math.ceil(env.expires_at - now)
+                # (t + n) - t can exceed n by one ulp: without the epsilon, 3600 becomes 3601.
+                remaining = math.ceil(env.expires_at - now - 1e-6)
                 if remaining <= 0:
                     on_done(env, EXPIRED)
                     continue

@@ -1,0 +1,207 @@
+"""AWS IoT Core fit: paced connection pool, limits before publishing, reason codes."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bench.harness import Collector, Mosquitto, Publisher, Worker, bridge_config, check, wait_until
+from bridge.cli import main
+from tests.fakes import CountingProxy, FakeTarget, max_in_window
+
+
+def test_four_paced_connections_never_exceed_their_rate_and_keep_topic_order(
+    tmp_path: Path,
+    source_broker: Mosquitto,
+    target_broker: Mosquitto,
+    workers: list[Worker],
+    topic_prefix: str,
+) -> None:
+    rate, burst = 100, 0.1
+    with CountingProxy(target_broker.port) as proxy:
+        cfg = bridge_config(
+            source_broker.url,
+            proxy.url,
+            [{"source": f"{topic_prefix}/#", "target": "out/{1}"}],
+            target={
+                "connections": 4,
+                "limits": {"publish_rate": rate, "burst": burst, "inflight": 100},
+            },
+        )
+        workers.append(Worker(tmp_path, cfg).start())
+        topics = [f"{topic_prefix}/dev{i}" for i in range(16)]
+        with (
+            Collector(target_broker.url, "out/#") as collector,
+            Publisher(source_broker.url) as pub,
+        ):
+            pub.publish_numbered(topics, 2000)
+            pub.wait_acked()
+            collector.wait_for(2000, 60)
+            report = check(pub.acked(), collector.messages, lambda t: "out/" + t.split("/", 1)[1])
+    assert report.lost == 0, report
+    assert report.out_of_order == 0, report
+    per_client = {cid: times for cid, times in proxy.publishes.items() if times}
+    assert sorted(per_client) == [f"w-0-tgt-{i}" for i in range(4)]
+    assert sum(map(len, per_client.values())) == 2000 + report.duplicated
+    for cid, times in per_client.items():
+        peak = max_in_window(times)
+        assert peak <= rate + rate * burst, (cid, peak)
+        assert len(times) >= 200  # the hash spread the topics over every connection
+
+
+def test_oversize_payload_and_deep_topic_are_dead_lettered_mid_stream(
+    tmp_path: Path, source_broker: Mosquitto, workers: list[Worker], topic_prefix: str
+) -> None:
+    with Mosquitto(tmp_path, "cloud-like", extra="message_size_limit 131072") as target:
+        cfg = bridge_config(
+            source_broker.url,
+            target.url,
+            [{"source": f"{topic_prefix}/#", "target": "dt/{1}"}],
+            target={
+                "limits": {"max_payload": 131072, "max_topic_slashes": 7, "max_topic_bytes": 256}
+            },
+        )
+        worker = Worker(tmp_path, cfg)
+        workers.append(worker.start())
+        ok, deep = f"{topic_prefix}/a/b", f"{topic_prefix}/1/2/3/4/5/6/7/8"
+        with Collector(target.url, "dt/#") as collector, Publisher(source_broker.url) as pub:
+            pub.publish_numbered([ok], 100)
+            pub.publish(ok, 100, size=140 * 1024)  # over 128 KB
+            pub.publish(deep, 0)  # dt/1/2/3/4/5/6/7/8: 8 slashes
+            for n in range(101, 201):
+                pub.publish(ok, n)
+            pub.wait_acked()
+            collector.wait_for(200, 30)
+            time.sleep(0.3)
+            acked = pub.acked()
+            report = check(
+                acked,
+                collector.messages,
+                lambda t: "dt/" + t.split("/", 1)[1],
+                [(ok, 100), (deep, 0)],
+            )
+    assert report.lost == 0, report
+    assert report.unexpected == 0
+    assert report.out_of_order == 0
+    assert report.delivered == 200
+    m = worker.metrics()
+    route = f"{topic_prefix}/#"
+    assert m[f"dead_lettered{{reason=payload_too_large,route={route}}}"] == 1
+    assert m[f"dead_lettered{{reason=topic_too_deep,route={route}}}"] == 1
+    assert m["acknowledged"] == 202
+    log = worker.log_tail(100_000)
+    assert "payload_too_large: 143360 bytes > 131072" in log
+    assert "topic_too_deep: 8 slashes > 7" in log
+
+
+def test_quota_exceeded_slows_the_connection_and_retries(
+    tmp_path: Path, source_broker: Mosquitto, workers: list[Worker], topic_prefix: str
+) -> None:
+    # Every 10th publish of the first 200 is refused with 0x97 (quota exceeded).
+    def decide(n: int, topic: str, payload: bytes) -> int:
+        return 0x97 if n < 200 and n % 10 == 9 else 0
+
+    with FakeTarget(decide) as fake:
+        cfg = bridge_config(
+            source_broker.url,
+            fake.url,
+            [{"source": f"{topic_prefix}/#"}],
+            target={"limits": {"publish_rate": 400, "burst": 0.1}},
+        )
+        worker = Worker(tmp_path, cfg)
+        workers.append(worker.start())
+        with Publisher(source_broker.url) as pub:
+            pub.publish_numbered([f"{topic_prefix}/a", f"{topic_prefix}/b"], 400)
+            pub.wait_acked()
+        wait_until(lambda: len(fake.accepted) >= 400, 60, what="all accepted by the fake target")
+        m = worker.metrics()
+    assert fake.answers.count(0x97) == 20
+    delivered = {
+        payload.split(b"|")[0] + b"|" + payload.split(b"|")[1] for _, payload in fake.accepted
+    }
+    assert len(delivered) == 400  # every refused message was sent again and accepted
+    assert m["throttled{connection=0,reason=quota_exceeded}"] == 20
+    assert m["dead_lettered"] == 0
+    assert m["acknowledged"] == 400
+    assert 0 < m["connection_rate_limit{connection=0}"] <= 400
+    assert '"event":"target.throttled"' in worker.log_tail(100_000)
+
+
+@pytest.mark.parametrize(
+    ("reason", "event"), [(0x8E, "target.session_taken_over"), (0x93, "target.window_shrunk")]
+)
+def test_disconnect_reasons_alarm_and_reconnect(
+    tmp_path: Path,
+    source_broker: Mosquitto,
+    workers: list[Worker],
+    topic_prefix: str,
+    reason: int,
+    event: str,
+) -> None:
+    def decide(n: int, topic: str, payload: bytes) -> int | tuple[str, int]:
+        return ("disconnect", reason) if n == 50 else 0
+
+    with FakeTarget(decide, receive_maximum=64) as fake:
+        cfg = bridge_config(
+            source_broker.url, fake.url, [{"source": f"{topic_prefix}/#"}], instance_id="dtb-3"
+        )
+        worker = Worker(tmp_path, cfg)
+        workers.append(worker.start())
+        with Publisher(source_broker.url) as pub:
+            pub.publish_numbered([f"{topic_prefix}/a"], 200)
+            pub.wait_acked()
+        wait_until(lambda: len({p for _, p in fake.accepted}) >= 200, 60, what="all accepted")
+        m = worker.metrics()
+        log = worker.log_tail(100_000)
+    assert len(fake.connects) >= 2  # it came back
+    assert set(fake.connects) == {"dtb-3-tgt-0"}
+    name = {0x8E: "session_taken_over", 0x93: "receive_maximum_exceeded"}[reason]
+    assert m[f"disconnects{{connection=0,reason={name}}}"] == 1
+    assert f'"event":"{event}"' in log
+    if reason == 0x8E:
+        assert '"client_id":"dtb-3-tgt-0"' in log
+    else:
+        assert m["connection_window{connection=0}"] <= 32
+    assert m["reconnects{connection=0,side=target}"] >= 1
+
+
+def test_aws_iot_profile_presets_and_overrides(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = {
+        "instance_id": "btd-0",
+        "direction": "btd",
+        "source": {
+            "url": "mqtts://example-ats.iot.eu-west-1.amazonaws.com:8883",
+            "profile": "aws-iot",
+        },
+        "target": {
+            "url": "mqtts://example-ats.iot.eu-west-1.amazonaws.com:8883",
+            "profile": "aws-iot",
+            "limits": {"publish_rate": 50},
+        },
+        "routes": [{"source": f"cmd/{i}/+", "target": f"devices/{i}/{{1}}"} for i in range(60)],
+    }
+    path = tmp_path / "btd.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["check", "--config", str(path)]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    limits = shown["target"]["limits"]
+    assert limits["publish_rate"] == 50  # overridden
+    assert limits["bytes_rate"] == 512 * 1024
+    assert limits["inflight"] == 100
+    assert limits["max_payload"] == 128 * 1024
+    assert limits["max_topic_slashes"] == 7
+    assert shown["source"]["limits"]["subscriptions_per_connection"] == 50
+
+    bad = {**cfg, "target": {**cfg["target"], "keepalive": 10}}
+    path.write_text(yaml.safe_dump(bad))
+    assert main(["check", "--config", str(path)]) == 2
+    assert "target: keepalive 10: AWS IoT Core accepts 30–1200 s" in capsys.readouterr().err
+    plain = {**cfg, "target": {**cfg["target"], "url": "mqtt://example:1883"}}
+    path.write_text(yaml.safe_dump(plain))
+    assert main(["check", "--config", str(path)]) == 2
+    assert "profile aws-iot needs an mqtts:// url" in capsys.readouterr().err
