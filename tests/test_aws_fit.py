@@ -205,3 +205,32 @@ def test_aws_iot_profile_presets_and_overrides(
     path.write_text(yaml.safe_dump(plain))
     assert main(["check", "--config", str(path)]) == 2
     assert "profile aws-iot needs an mqtts:// url" in capsys.readouterr().err
+
+
+def test_deploy_examples_pass_check(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("dtb-0")
+    paths = {
+        "/etc/mqtt-bridge/tls/AmazonRootCA1.pem": tmp_path / "ca.pem",
+        "/etc/mqtt-bridge/tls/certificate.pem.crt": tmp_path / "cert.pem",
+        "/etc/mqtt-bridge/tls/private.pem.key": tmp_path / "key.pem",
+    }
+    ca.cert_pem.write_to_path(str(paths["/etc/mqtt-bridge/tls/AmazonRootCA1.pem"]))
+    cert.cert_chain_pems[0].write_to_path(str(paths["/etc/mqtt-bridge/tls/certificate.pem.crt"]))
+    cert.private_key_pem.write_to_path(str(paths["/etc/mqtt-bridge/tls/private.pem.key"]))
+    examples = Path(__file__).parent.parent / "deploy" / "examples"
+    copies = []
+    for name in ("dtb-aws-iot.yaml", "btd-aws-iot.yaml"):
+        text = (
+            (examples / name)
+            .read_text()
+            .replace("<ENDPOINT>", "abc123")
+            .replace("<REGION>", "eu-west-1")
+        )
+        for placeholder, real in paths.items():
+            text = text.replace(placeholder, str(real))
+        (tmp_path / name).write_text(text)
+        copies.append(str(tmp_path / name))
+    assert main(["check", "-q", "--config", *copies]) == 0, capsys.readouterr().err
