@@ -35,6 +35,7 @@ import trustme
 import yaml
 from botocore.validate import ParamValidator
 
+from bridge import __version__
 from bridge.config import BridgeConfig, cross_check, load_config
 from bridge.errors import ConfigError
 
@@ -84,7 +85,7 @@ METRICS = frozenset(
 # Config keys the artifacts may use before bridge.config knows them. While one is reported
 # as an "unknown key" it is set aside and the rest is validated. Once it is implemented, it
 # is validated like any other key.
-PENDING_KEYS = frozenset({"backup", "source.tls", "source.profile", "target.tls", "target.profile"})
+PENDING_KEYS = frozenset({"backup"})
 
 
 # --- helpers ------------------------------------------------------------------------------
@@ -713,10 +714,8 @@ def test_rendered_overlay(name: str) -> None:
     assert config_map["data"]["config.yaml"] == overlay_config
     secrets = {v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
     assert secrets == {f"mqtt-bridge-{name}-tls", f"mqtt-bridge-{name}-broker"}
-    assert (
-        pod["containers"][0]["image"].endswith(":0.1.0")
-        or "@sha256:" in pod["containers"][0]["image"]
-    )
+    # The manifests deploy the release they ship with.
+    assert pod["containers"][0]["image"].endswith(f":{__version__}")
 
 
 # --- ECS ----------------------------------------------------------------------------------
@@ -769,6 +768,8 @@ def test_ecs_task_and_service(name: str) -> None:
     assert {"name": "DIRECTION", "value": name} in init["environment"]
     assert f"chown -R {bridge['user']}" in init["command"][0]
     assert [p["containerPort"] for p in bridge["portMappings"]] == [9100]
+    assert {c["image"] for c in taskdef["containerDefinitions"]} == {bridge["image"]}
+    assert bridge["image"].endswith(f":{__version__}")
 
     service = _json(ECS / f"service-{name}.json")
     assert service["taskDefinition"] == taskdef["family"]
