@@ -22,20 +22,50 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = sub.add_parser("run", help="run one worker")
     run.add_argument("--config", required=True, metavar="FILE")
+    run.add_argument(
+        "--log-format",
+        choices=["json", "console"],
+        help="override log.format (console: for people)",
+    )
     check = sub.add_parser(
         "check", help="validate configuration files (with loop checks across them) and print them"
     )
     check.add_argument("--config", required=True, nargs="+", metavar="FILE")
     check.add_argument("--quiet", "-q", action="store_true", help="print only problems")
+    replay = sub.add_parser("replay", help="re-drive archived messages from S3 to the target")
+    replay.add_argument("--config", required=True, metavar="FILE", help="target and S3 settings")
+    replay.add_argument("--from", dest="source", required=True, metavar="s3://BUCKET/PREFIX")
+    replay.add_argument("--since", metavar="T", help="ISO 8601 time or epoch seconds (inclusive)")
+    replay.add_argument("--until", metavar="T", help="ISO 8601 time or epoch seconds (exclusive)")
+    replay.add_argument(
+        "--route", metavar="R", help="only records of this route (its name or filter)"
+    )
+    replay.add_argument("--topic-filter", metavar="F", help="only source topics matching F")
+    replay.add_argument("--rate", type=float, metavar="N", help="at most N messages per second")
+    replay.add_argument(
+        "--to-source-topic",
+        action="store_true",
+        help="publish to the source topic, not target_topic",
+    )
+    replay.add_argument("--dry-run", action="store_true", help="read and count, publish nothing")
+    health = sub.add_parser(
+        "health", help="exit 0 when a worker's /healthz answers 200 (HEALTHCHECK)"
+    )
+    health.add_argument("--url", default="http://127.0.0.1:9100/healthz")
+    health.add_argument("--timeout", type=float, default=3.0)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "health":
+        return _health(args.url, args.timeout)
     try:
         if args.command == "check":
             return _check(args.config, args.quiet)
         cfg = load_config(args.config)
+        if args.command == "replay":
+            return _replay(cfg, args)
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"error: {problem}", file=sys.stderr)
@@ -43,9 +73,53 @@ def main(argv: Sequence[str] | None = None) -> int:
     from bridge.runtime import run_worker
 
     try:
-        return run_worker(cfg)
+        return run_worker(cfg, args.log_format)
     except KeyboardInterrupt:
         return 130
+
+
+def _health(url: str, timeout: float) -> int:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return 0 if response.status == 200 else 1
+    except OSError as exc:
+        print(f"unhealthy: {url}: {exc}", file=sys.stderr)
+        return 1
+
+
+def _replay(cfg: BridgeConfig, args: argparse.Namespace) -> int:
+    import asyncio
+
+    from bridge.replay import Replayer, ReplayOptions, parse_time
+    from bridge.runtime import new_event_loop, setup_logging
+
+    try:
+        opts = ReplayOptions(
+            source=args.source,
+            since=parse_time(args.since) if args.since else None,
+            until=parse_time(args.until) if args.until else None,
+            route=args.route,
+            topic_filter=args.topic_filter,
+            rate=args.rate,
+            to_source_topic=args.to_source_topic,
+            dry_run=args.dry_run,
+        )
+        if opts.topic_filter:
+            from bridge.routing import TopicFilter
+
+            TopicFilter.parse(opts.topic_filter)
+    except ValueError as exc:
+        raise ConfigError([f"replay: {exc}"]) from None
+    setup_logging(cfg.log.format, "warning", direction=cfg.direction, instance=cfg.instance_id)
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        try:
+            summary = runner.run(Replayer(cfg, opts).run())
+        except ValueError as exc:
+            raise ConfigError([f"replay: {exc}"]) from None
+    print("\n".join(summary.lines()))
+    return 1 if summary.errors or summary.rejected else 0
 
 
 def _check(paths: list[str], quiet: bool) -> int:

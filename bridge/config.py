@@ -276,6 +276,27 @@ class HttpConfig(Section):
         return host.strip("[]") or "0.0.0.0", int(port)
 
 
+class S3Config(Section):
+    bucket: str
+    prefix: str = ""
+    endpoint_url: str | None = None  # MinIO or any S3-compatible store; default AWS
+    region: str | None = None
+    mode: Literal["required", "best_effort"] = "best_effort"
+    flush_interval: Annotated[float, Field(gt=0)] = 1.0
+    max_batch_bytes: Annotated[int, Field(ge=1024)] = 8 * 1024 * 1024
+    max_buffer_bytes: Annotated[int, Field(ge=1024)] = 256 * 1024 * 1024
+
+    @field_validator("prefix")
+    @classmethod
+    def _slash(cls, value: str) -> str:
+        value = value.lstrip("/")
+        return value if not value or value.endswith("/") else value + "/"
+
+
+class BackupConfig(Section):
+    s3: S3Config | None = None
+
+
 class LogConfig(Section):
     format: Literal["json", "console"] = "json"
     level: Literal["debug", "info", "warning", "error"] = "info"
@@ -299,6 +320,7 @@ class BridgeConfig(BaseSettings):
     shutdown: ShutdownConfig = ShutdownConfig()
     http: HttpConfig = HttpConfig()
     log: LogConfig = LogConfig()
+    backup: BackupConfig = BackupConfig()
 
     @classmethod
     def settings_customise_sources(

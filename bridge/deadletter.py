@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import structlog
 
+from bridge.backup import DEAD_LETTER, S3Archive
 from bridge.message import Envelope
 
 
@@ -14,6 +15,22 @@ class DeadLetterSink(Protocol):
     def submit(self, env: Envelope, reason: str, done: Callable[[], None]) -> None:
         """Record ``env`` durably, then call ``done`` (which acknowledges it at the source)."""
         ...
+
+
+class ArchiveDeadLetters:
+    """Logs each dead letter and writes it under ``dead-letter/`` in the S3 archive; the
+    source acknowledgement waits until the object holding it is durable."""
+
+    def __init__(self, archive: S3Archive, record: Callable[[Envelope], dict[str, Any]]) -> None:
+        self._archive = archive
+        self._record = record
+        self._log = LogDeadLetters()
+
+    def submit(self, env: Envelope, reason: str, done: Callable[[], None]) -> None:
+        self._log.submit(env, reason, lambda: None)
+        record = self._record(env)
+        record["reason"] = reason
+        self._archive.add(DEAD_LETTER, record, done)
 
 
 class LogDeadLetters:

@@ -77,6 +77,9 @@ class AckQueue:
         self._queue.append(pending)
 
     def complete(self, pending: Pending) -> None:
+        pending.holds -= 1
+        if pending.holds:
+            return
         pending.done = True
         queue = self._queue
         if queue[0] is not pending:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from bridge.mqtt_codec import Properties
+from bridge.mqtt_codec import Properties, Publish
 
 if TYPE_CHECKING:
     from bridge.flow import AckQueue
@@ -21,6 +21,9 @@ class Pending:
     size: int
     route: int
     done: bool = False
+    # What must finish before the source acknowledgement: the target's answer, and in
+    # `required` archive mode also the S3 object holding the record.
+    holds: int = 1
 
 
 @dataclass(slots=True, eq=False)
@@ -35,5 +38,7 @@ class Envelope:
     expires_at: float | None  # event-loop time, from the message expiry interval
     route: int
     pending: Pending
+    source: Publish  # the message as received: the archive records it unchanged
+    received_epoch: float
     # Times the target dropped the connection while this message was alone in flight.
     drops: int = 0

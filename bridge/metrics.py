@@ -15,6 +15,7 @@ from bridge.flow import Flow
 from bridge.stats import Stats
 
 if TYPE_CHECKING:
+    from bridge.backup import S3Archive
     from bridge.pool import TargetLink
     from bridge.source import SourceLink
 
@@ -29,6 +30,7 @@ class Probe:
     sources: list[SourceLink]
     targets: list[TargetLink]
     ready: Callable[[], bool]
+    archive: S3Archive | None = None
 
 
 class BridgeCollector(Collector):
@@ -88,6 +90,8 @@ class BridgeCollector(Collector):
             gauge.add_metric([d], value)
             yield gauge
         yield from self._connections(d)
+        if p.archive is not None:
+            yield from self._archive(d, p.archive)
         info = GaugeMetricFamily("mqtt_bridge_build_info", "Build information.", labels=["version"])
         info.add_metric([__version__], 1)
         yield info
@@ -144,6 +148,30 @@ class BridgeCollector(Collector):
             for reason, count in target.disconnects.items():
                 disconnects.add_metric([d, i, reason], count)
         yield from (state, reconnects, published, window, rate, throttled, disconnects)
+
+    @staticmethod
+    def _archive(d: str, archive: S3Archive) -> Iterator[Metric]:
+        for name, value, doc in (
+            ("batches", archive.batches, "Archive objects written to S3."),
+            ("bytes", archive.bytes, "Compressed bytes written to S3."),
+            ("records", archive.records, "Records (messages) written to S3."),
+            ("failures", archive.failures, "Failed S3 writes (each is retried)."),
+            (
+                "dropped",
+                archive.dropped,
+                "Records dropped: best_effort buffer over max_buffer_bytes.",
+            ),
+        ):
+            family = CounterMetricFamily(f"mqtt_bridge_archive_{name}", doc, labels=["direction"])
+            family.add_metric([d], value)
+            yield family
+        for name, gauge_value, doc in (
+            ("lag_seconds", archive.lag, "Age of the oldest record not yet in S3."),
+            ("buffered_bytes", archive.buffered, "Record bytes waiting for S3."),
+        ):
+            gauge = GaugeMetricFamily(f"mqtt_bridge_archive_{name}", doc, labels=["direction"])
+            gauge.add_metric([d], gauge_value)
+            yield gauge
 
 
 def make_registry(probe: Probe) -> Callable[[], bytes]:

@@ -9,14 +9,19 @@ created per message.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import time
+from functools import partial
+from typing import Any
 
 import orjson
 import structlog
 
 from bridge import mqtt_codec as codec
+from bridge.backup import ARCHIVE, ArchiveSettings, S3Archive, properties_to_json
 from bridge.config import HOP_MARKER, BridgeConfig, BrokerConfig
-from bridge.deadletter import DeadLetterSink, LogDeadLetters
+from bridge.deadletter import ArchiveDeadLetters, DeadLetterSink, LogDeadLetters
 from bridge.flow import AckQueue, Flow
 from bridge.http import HttpServer
 from bridge.message import Envelope, Pending
@@ -28,6 +33,7 @@ from bridge.pool import (
     EXPIRED,
     POISON,
     POISON_DROPS,
+    OnDone,
     Pacing,
     TargetLink,
     TargetPool,
@@ -84,7 +90,26 @@ class Bridge:
                 route.label = label
         self.stats = Stats(labels)
         self.flow = Flow(cfg.flow.max_inflight, cfg.flow.max_inflight_bytes)
-        self.dead_letters: DeadLetterSink = dead_letters or LogDeadLetters()
+        self.archive: S3Archive | None = None
+        s3 = cfg.backup.s3
+        if s3 is not None:
+            self.archive = S3Archive(
+                ArchiveSettings(
+                    s3.bucket,
+                    s3.prefix,
+                    s3.endpoint_url,
+                    s3.region,
+                    s3.mode == "required",
+                    s3.flush_interval,
+                    s3.max_batch_bytes,
+                    s3.max_buffer_bytes,
+                ),
+                cfg.direction,
+                cfg.instance_id,
+            )
+        self.dead_letters: DeadLetterSink = dead_letters or (
+            ArchiveDeadLetters(self.archive, self._record) if self.archive else LogDeadLetters()
+        )
         self._target_v5 = cfg.target.protocol == "5"
         self._marker = (HOP_MARKER, cfg.instance_id)
         self._loop = asyncio.get_running_loop()
@@ -129,36 +154,7 @@ class Bridge:
         return Source(links, self.flow)
 
     def _make_pool(self, cfg: BridgeConfig) -> TargetPool:
-        tgt = cfg.target
-        endpoint = endpoint_of(tgt)
-        limits = tgt.limits
-        pacing = Pacing(
-            limits.publish_rate, limits.bytes_rate, limits.burst, limits.connect_interval
-        )
-        return TargetPool(
-            [
-                TargetLink(
-                    i,
-                    endpoint,
-                    SessionOptions(
-                        client_id=cfg.target_client_id(i),
-                        protocol=protocol_level(tgt),
-                        # The bridge retransmits what was in flight itself; a stored
-                        # session on the target would only add a second copy.
-                        clean_start=True,
-                        session_expiry=tgt.session_expiry,
-                        keepalive=tgt.keepalive,
-                        username=tgt.username,
-                        password=_password(tgt),
-                    ),
-                    window=min(cfg.flow.max_inflight, limits.inflight or 65535),
-                    connect_timeout=tgt.connect_timeout,
-                    pacing=pacing,
-                    on_done=self._on_done,
-                )
-                for i in range(tgt.connections)
-            ]
-        )
+        return make_pool(cfg, self._on_done)
 
     # ---- hot path ------------------------------------------------------------------
 
@@ -191,6 +187,13 @@ class Bridge:
             if problem is not None:
                 self._dead_letter(env, problem, problem.split(":", 1)[0])
                 return True
+        archive = self.archive
+        if archive is not None:
+            if archive.required:
+                pending.holds += 1
+                archive.add(ARCHIVE, self._record(env), partial(pending.acks.complete, pending))
+            else:
+                archive.add(ARCHIVE, self._record(env), None)
         self.pool.submit(env)
         return True
 
@@ -241,7 +244,25 @@ class Bridge:
             expires_at=expires_at,
             route=pending.route,
             pending=pending,
+            source=msg,
+            received_epoch=time.time(),
         )
+
+    def _record(self, env: Envelope) -> dict[str, Any]:
+        """The archive record of a message: what the source sent, and where it went."""
+        msg = env.source
+        return {
+            "topic": msg.topic,
+            "target_topic": env.topic.decode(),
+            "payload_b64": base64.b64encode(msg.payload).decode(),
+            "qos": msg.qos,
+            "retain": msg.retain,
+            "properties": properties_to_json(msg.properties),
+            "received_at": env.received_epoch,
+            "direction": self.cfg.direction,
+            "instance": self.cfg.instance_id,
+            "route": self.routes[env.route].label,
+        }
 
     def _on_done(self, env: Envelope, outcome: int) -> None:
         pending = env.pending
@@ -283,6 +304,7 @@ class Bridge:
                 sources=self.source.links,
                 targets=self.pool.links,
                 ready=lambda: self.ready,
+                archive=self.archive,
             )
             metrics = make_registry(probe)
             self._http = await self._stack.enter_async_context(
@@ -296,6 +318,8 @@ class Bridge:
                     },
                 )
             )
+        if self.archive is not None:
+            await self._stack.enter_async_context(self.archive)
         # Targets first: a source message must find a connection to go to.
         await self._stack.enter_async_context(self.pool)
         await self._stack.enter_async_context(self.source)
@@ -339,8 +363,17 @@ class Bridge:
                         drained = True
                         break
                     await asyncio.sleep(0.02)
+                if self.archive is not None:
+                    await asyncio.shield(self.archive.flush())
         except TimeoutError:
             pass
+        if self.archive is not None and self.archive.pending:
+            self.log.warning(
+                "archive.unflushed",
+                batches=self.archive.pending,
+                bytes=self.archive.buffered,
+                note="the deadline passed before these records reached S3",
+            )
         left = self.flow.messages
         # A drained MQTT 5 session is empty: tell the broker to drop it (expiry 0).
         # Otherwise keep it, so the unfinished messages wait for this instance_id.
@@ -372,6 +405,43 @@ class Bridge:
                 ready=self.ready,
                 **self.stats.summary(),
             )
+
+
+def make_pool(cfg: BridgeConfig, on_done: OnDone, client_tag: str = "tgt") -> TargetPool:
+    """The target connections of ``cfg``: paced, windowed, one client id each."""
+    tgt = cfg.target
+    endpoint = endpoint_of(tgt)
+    limits = tgt.limits
+    pacing = Pacing(limits.publish_rate, limits.bytes_rate, limits.burst, limits.connect_interval)
+    base = (
+        tgt.client_id
+        if tgt.client_id and client_tag == "tgt"
+        else f"{cfg.instance_id}-{client_tag}"
+    )
+    return TargetPool(
+        [
+            TargetLink(
+                i,
+                endpoint,
+                SessionOptions(
+                    client_id=f"{base}-{i}",
+                    protocol=protocol_level(tgt),
+                    # The bridge retransmits what was in flight itself; a stored
+                    # session on the target would only add a second copy.
+                    clean_start=True,
+                    session_expiry=tgt.session_expiry,
+                    keepalive=tgt.keepalive,
+                    username=tgt.username,
+                    password=_password(tgt),
+                ),
+                window=min(cfg.flow.max_inflight, limits.inflight or 65535),
+                connect_timeout=tgt.connect_timeout,
+                pacing=pacing,
+                on_done=on_done,
+            )
+            for i in range(tgt.connections)
+        ]
+    )
 
 
 def _password(broker: BrokerConfig) -> bytes | None:

@@ -47,9 +47,14 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
-def run_worker(cfg: BridgeConfig) -> int:
+def run_worker(cfg: BridgeConfig, log_format: str | None = None) -> int:
     """Run one worker until SIGTERM/SIGINT; 0 after a graceful leave."""
-    setup_logging(cfg.log.format, cfg.log.level, direction=cfg.direction, instance=cfg.instance_id)
+    setup_logging(
+        log_format or cfg.log.format,
+        cfg.log.level,
+        direction=cfg.direction,
+        instance=cfg.instance_id,
+    )
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
         return runner.run(_main(cfg))
 

@@ -2,8 +2,11 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import boto3
 import pytest
 
 from bench.harness import Mosquitto, Worker
@@ -27,6 +30,48 @@ def source_broker(tmp_path: Path) -> Iterator[Mosquitto]:
 def target_broker(tmp_path: Path) -> Iterator[Mosquitto]:
     with Mosquitto(tmp_path, "target") as broker:
         yield broker
+
+
+@dataclass
+class S3:
+    server: Any
+    url: str
+    port: int
+    client: Any
+    bucket: str
+
+    def stop(self) -> None:
+        self.server.stop()
+
+    def start(self) -> None:
+        # A new server on the same port; moto keeps the buckets in this process.
+        from moto.server import ThreadedMotoServer
+
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.server.start()
+
+
+@pytest.fixture
+def s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[S3]:
+    """A real S3 API over HTTP: moto in server mode, on a free loopback port."""
+    from moto.server import ThreadedMotoServer
+
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
+        monkeypatch.setenv(key, value)  # also inherited by the worker processes
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    url = f"http://{host}:{port}"
+    client = boto3.client("s3", endpoint_url=url, region_name="us-east-1")
+    bucket = f"archive-{next(_counter)}"
+    client.create_bucket(Bucket=bucket)
+    handle = S3(server, url, port, client, bucket)
+    yield handle
+    handle.stop()
 
 
 @pytest.fixture

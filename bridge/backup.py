@@ -1,0 +1,257 @@
+"""The S3 archive: every bridged message, as gzip-compressed JSON Lines, Hive-style keys.
+
+Record (one line per message; replay, Athena and the tests read it):
+    topic, target_topic, payload_b64, qos, retain, properties, received_at,
+    direction, instance, route            (+ reason, for dead letters)
+Key:
+    {prefix}{direction}/dt=YYYY-MM-DD/hour=HH/{instance}-{first_received_ms}-{seq}.jsonl.gz
+    {prefix}dead-letter/{direction}/dt=…/hour=…/{instance}-{first_received_ms}-{seq}.jsonl.gz
+
+A message is archived when it is taken (in parallel with its delivery). In ``required``
+mode its source acknowledgement also waits for the object holding it; dead letters
+always do, in both modes, because a dead letter is only as good as its record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import datetime as dt
+import gzip
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import structlog
+
+from bridge import mqtt_codec as codec
+from bridge.service import Backoff, Service
+
+ARCHIVE = "archive"
+DEAD_LETTER = "dead-letter"
+
+_PROPERTY_NAMES = {
+    codec.PAYLOAD_FORMAT: "payload_format_indicator",
+    codec.MESSAGE_EXPIRY: "message_expiry_interval",
+    codec.CONTENT_TYPE: "content_type",
+    codec.RESPONSE_TOPIC: "response_topic",
+}
+
+
+def properties_to_json(props: codec.Properties | None) -> dict[str, Any]:
+    if not props:
+        return {}
+    out: dict[str, Any] = {
+        name: props[key] for key, name in _PROPERTY_NAMES.items() if key in props
+    }
+    if codec.CORRELATION_DATA in props:
+        out["correlation_data_b64"] = base64.b64encode(props[codec.CORRELATION_DATA]).decode()
+    if codec.USER_PROPERTY in props:
+        out["user_properties"] = [list(pair) for pair in props[codec.USER_PROPERTY]]
+    return out
+
+
+def properties_from_json(obj: dict[str, Any]) -> codec.Properties:
+    props: codec.Properties = {
+        key: obj[name] for key, name in _PROPERTY_NAMES.items() if name in obj
+    }
+    if "correlation_data_b64" in obj:
+        props[codec.CORRELATION_DATA] = base64.b64decode(obj["correlation_data_b64"])
+    if "user_properties" in obj:
+        props[codec.USER_PROPERTY] = [(str(k), str(v)) for k, v in obj["user_properties"]]
+    return props
+
+
+def object_key(
+    prefix: str, kind: str, direction: str, instance: str, first: float, seq: int
+) -> str:
+    when = dt.datetime.fromtimestamp(first, dt.UTC)
+    root = f"{prefix}{direction}/" if kind == ARCHIVE else f"{prefix}{DEAD_LETTER}/{direction}/"
+    return (
+        f"{root}dt={when:%Y-%m-%d}/hour={when:%H}/{instance}-{int(first * 1000)}-{seq:06d}.jsonl.gz"
+    )
+
+
+@dataclass(eq=False)
+class Batch:
+    kind: str
+    lines: list[bytes] = field(default_factory=list)
+    size: int = 0
+    first_received: float = 0.0  # epoch seconds
+    started: float = 0.0  # loop time of the first record
+    on_durable: list[Callable[[], None]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ArchiveSettings:
+    bucket: str
+    prefix: str
+    endpoint_url: str | None
+    region: str | None
+    required: bool
+    flush_interval: float
+    max_batch_bytes: int
+    max_buffer_bytes: int
+
+
+class S3Archive(Service):
+    def __init__(self, settings: ArchiveSettings, direction: str, instance: str) -> None:
+        super().__init__()
+        self.settings = settings
+        self.direction = direction
+        self.instance = instance
+        self.required = settings.required
+        # Counters read by /metrics.
+        self.batches = 0
+        self.bytes = 0
+        self.records = 0
+        self.failures = 0
+        self.dropped = 0
+        self.buffered = 0  # bytes in open and sealed batches
+        self._open: dict[str, Batch] = {}
+        self._sealed: deque[Batch] = deque()
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._seq = 0
+        self._loop = asyncio.get_running_loop()
+        self._client: Any = None
+        self._stack = contextlib.AsyncExitStack()
+        self._log = structlog.get_logger().bind(component="archive", bucket=settings.bucket)
+
+    # ---- lifecycle -----------------------------------------------------------------
+
+    async def start(self) -> None:
+        from aiobotocore.config import AioConfig
+        from aiobotocore.session import get_session
+
+        s = self.settings
+        # One attempt per call: the uploader retries with its own backoff and counts failures.
+        config = AioConfig(connect_timeout=3, read_timeout=20, retries={"max_attempts": 1})
+        self._client = await self._stack.enter_async_context(
+            get_session().create_client(
+                "s3", region_name=s.region, endpoint_url=s.endpoint_url, config=config
+            )
+        )
+        self.spawn(self._upload_loop(), name="archive-upload")
+        self.spawn(self._seal_loop(), name="archive-seal")
+
+    async def __aexit__(self, *exc_info: Any) -> bool | None:
+        try:
+            return await super().__aexit__(*exc_info)
+        finally:
+            await asyncio.shield(self._stack.aclose())
+
+    # ---- hot path ------------------------------------------------------------------
+
+    def add(self, kind: str, record: dict[str, Any], on_durable: Callable[[], None] | None) -> bool:
+        """Queue one record. False (and counted) when best-effort archiving is over its budget."""
+        line = orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
+        if on_durable is None and self.buffered + len(line) > self.settings.max_buffer_bytes:
+            self.dropped += 1
+            return False
+        batch = self._open.get(kind)
+        if batch is None:
+            batch = self._open[kind] = Batch(
+                kind, first_received=record["received_at"], started=self._loop.time()
+            )
+        batch.lines.append(line)
+        batch.size += len(line)
+        self.buffered += len(line)
+        if on_durable is not None:
+            batch.on_durable.append(on_durable)
+        if batch.size >= self.settings.max_batch_bytes:
+            self._seal(kind)
+        return True
+
+    def _seal(self, kind: str) -> None:
+        batch = self._open.pop(kind, None)
+        if batch is not None and batch.lines:
+            self._sealed.append(batch)
+            self._idle.clear()
+            self._wake.set()
+
+    @property
+    def lag(self) -> float:
+        """Age in seconds of the oldest record not yet in S3."""
+        oldest = [b.started for b in (*self._sealed, *self._open.values())]
+        return self._loop.time() - min(oldest) if oldest else 0.0
+
+    @property
+    def pending(self) -> int:
+        return len(self._sealed) + len(self._open)
+
+    # ---- background ----------------------------------------------------------------
+
+    async def _seal_loop(self) -> None:
+        interval = self.settings.flush_interval
+        while True:
+            await asyncio.sleep(interval / 4)
+            now = self._loop.time()
+            for kind, batch in list(self._open.items()):
+                if now - batch.started >= interval:
+                    self._seal(kind)
+
+    async def _upload_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._sealed:
+                await self._upload(self._sealed[0])
+                self._sealed.popleft()
+            self._idle.set()
+
+    async def _upload(self, batch: Batch) -> None:
+        key = object_key(
+            self.settings.prefix,
+            batch.kind,
+            self.direction,
+            self.instance,
+            batch.first_received,
+            self._seq,
+        )
+        self._seq += 1
+        body = await asyncio.to_thread(gzip.compress, b"".join(batch.lines), 6)
+        backoff = Backoff(initial=0.5, cap=15.0)
+        while True:
+            try:
+                await self._client.put_object(
+                    Bucket=self.settings.bucket,
+                    Key=key,
+                    Body=body,
+                    ContentType="application/x-ndjson",
+                    ContentEncoding="gzip",
+                )
+                break
+            except Exception as exc:  # botocore raises many types; every one means: retry
+                self.failures += 1
+                delay = backoff.next_delay()
+                self._log.warning(
+                    "archive.upload_failed", key=key, error=_short(exc), retry_in=round(delay, 2)
+                )
+                await asyncio.sleep(delay)
+        self.batches += 1
+        self.bytes += len(body)
+        self.records += len(batch.lines)
+        self.buffered -= batch.size
+        for done in batch.on_durable:
+            done()
+
+    async def flush(self) -> None:
+        """Seal what is open and wait until every batch is in S3."""
+        for kind in list(self._open):
+            self._seal(kind)
+        await self._idle.wait()
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if len(text) < 200 else text[:200] + "…"
+
+
+def epoch() -> float:
+    return time.time()

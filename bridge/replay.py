@@ -1,0 +1,278 @@
+"""`mqtt-bridge replay`: re-drive archived messages from S3 to the configured target.
+
+Objects are read in time order (partition, then first-record time, then sequence),
+filtered, and republished through the same paced target pool a worker uses, under
+client ids of their own (``<instance_id>-replay-<n>``) so a running worker is never
+kicked off. MQTT 5 copies carry ``bridge-replay`` and the hop marker user properties.
+A corrupt object is reported and skipped; the rest goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime as dt
+import gzip
+import re
+import sys
+import time
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, cast
+from urllib.parse import urlsplit
+
+import orjson
+import structlog
+
+from bridge import mqtt_codec as codec
+from bridge.backup import DEAD_LETTER, properties_from_json
+from bridge.config import HOP_MARKER, BridgeConfig
+from bridge.flow import AckQueue
+from bridge.message import Envelope, Pending
+from bridge.pacing import TokenBucket
+from bridge.pipeline import make_pool
+from bridge.pool import DELIVERED
+from bridge.routing import TopicFilter
+
+REPLAY_MARKER = "bridge-replay"
+_PARTITION = re.compile(
+    r"dt=(\d{4}-\d{2}-\d{2})/hour=(\d{2})/(?:.*/)?([^/]+)-(\d+)-(\d+)\.jsonl\.gz$"
+)
+_REQUIRED = ("topic", "target_topic", "payload_b64", "qos", "retain", "received_at")
+# The pool reports outcomes through on_done; replay has no source to acknowledge.
+_NO_SOURCE = cast("AckQueue", None)
+
+
+@dataclass
+class ReplayOptions:
+    source: str  # s3://bucket/prefix
+    since: float | None = None
+    until: float | None = None
+    route: str | None = None
+    topic_filter: str | None = None
+    rate: float | None = None
+    to_source_topic: bool = False
+    dry_run: bool = False
+
+
+@dataclass
+class Summary:
+    objects: int = 0
+    messages: int = 0
+    published: int = 0
+    skipped: int = 0
+    errors: int = 0
+    rejected: int = 0
+    error_details: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        return [
+            f"objects:   {self.objects}",
+            f"messages:  {self.messages}",
+            f"published: {self.published}",
+            f"skipped:   {self.skipped}   (outside --since/--until, --route or --topic-filter)",
+            f"rejected:  {self.rejected}   (refused by the target)",
+            f"errors:    {self.errors}   (corrupt objects, skipped)",
+            *(f"  {detail}" for detail in self.error_details),
+        ]
+
+
+def parse_time(text: str) -> float:
+    """Epoch seconds, or ISO 8601 (a missing zone means UTC)."""
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    when = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return when.timestamp()
+
+
+def _sort_key(key: str) -> tuple[str, str, int, int, str]:
+    found = _PARTITION.search(key)
+    if found is None:
+        return ("", "", 0, 0, key)
+    day, hour, _instance, first_ms, seq = found.groups()
+    return (day, hour, int(first_ms), int(seq), key)
+
+
+def _in_window(key: str, since: float | None, until: float | None) -> bool:
+    """Partition pruning: skip whole hours outside the window."""
+    found = _PARTITION.search(key)
+    if found is None:
+        return True
+    start = dt.datetime.strptime(f"{found.group(1)} {found.group(2)}", "%Y-%m-%d %H")
+    start_ts = start.replace(tzinfo=dt.UTC).timestamp()
+    if since is not None and start_ts + 3600 <= since:
+        return False
+    return until is None or start_ts < until
+
+
+def _parse_object(raw: bytes) -> list[dict[str, Any]]:
+    """All records of one object, or an exception: an object is replayed whole or not at all."""
+    records = [orjson.loads(line) for line in gzip.decompress(raw).splitlines() if line]
+    for record in records:
+        missing = [k for k in _REQUIRED if k not in record]
+        if missing:
+            raise ValueError(f"record without {', '.join(missing)}")
+    return records
+
+
+class Replayer:
+    def __init__(self, cfg: BridgeConfig, opts: ReplayOptions) -> None:
+        self.cfg = cfg
+        self.opts = opts
+        self.summary = Summary()
+        self._filter = TopicFilter.parse(opts.topic_filter) if opts.topic_filter else None
+        self._log = structlog.get_logger().bind(component="replay")
+        self._outstanding = 0
+        self._room = asyncio.Event()
+        self._room.set()
+        self._done = asyncio.Event()
+        self._v5 = cfg.target.protocol == "5"
+        self._progress_at = 0.0
+        self._total_objects = 0
+
+    async def run(self) -> Summary:
+        from aiobotocore.session import get_session
+
+        parts = urlsplit(self.opts.source)
+        if parts.scheme != "s3" or not parts.netloc:
+            raise ValueError(f"--from must look like s3://bucket/prefix, got {self.opts.source!r}")
+        bucket, prefix = parts.netloc, parts.path.lstrip("/")
+        s3 = self.cfg.backup.s3
+        async with get_session().create_client(
+            "s3",
+            region_name=s3.region if s3 else None,
+            endpoint_url=s3.endpoint_url if s3 else None,
+        ) as client:
+            keys = await self._list(client, bucket, prefix)
+            self._total_objects = len(keys)
+            if self.opts.dry_run:
+                for key in keys:
+                    await self._replay_object(client, bucket, key, None)
+            else:
+                async with make_pool(self.cfg, self._on_done, client_tag="replay") as pool:
+                    for key in keys:
+                        await self._replay_object(client, bucket, key, pool)
+                    while self._outstanding:
+                        self._done.clear()
+                        await self._done.wait()
+                    await pool.close()
+        self._progress(final=True)
+        return self.summary
+
+    async def _list(self, client: Any, bucket: str, prefix: str) -> list[str]:
+        keys: list[str] = []
+        include_dead = DEAD_LETTER in prefix
+        paginator = client.get_paginator("list_objects_v2")
+        async for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+            for item in page.get("Contents", []):
+                key = item["Key"]
+                if not key.endswith(".jsonl.gz"):
+                    continue
+                if not include_dead and f"{DEAD_LETTER}/" in key[len(prefix) :]:
+                    continue
+                if _in_window(key, self.opts.since, self.opts.until):
+                    keys.append(key)
+        return sorted(keys, key=_sort_key)
+
+    async def _replay_object(self, client: Any, bucket: str, key: str, pool: Any) -> None:
+        self.summary.objects += 1
+        try:
+            response = await client.get_object(Bucket=bucket, Key=key)
+            async with response["Body"] as stream:
+                raw = await stream.read()
+            records = _parse_object(raw)
+        except (
+            OSError,
+            EOFError,
+            zlib.error,
+            orjson.JSONDecodeError,
+            ValueError,
+            TypeError,
+        ) as exc:
+            self.summary.errors += 1
+            detail = f"{key}: {type(exc).__name__}: {exc}"
+            self.summary.error_details.append(detail)
+            self._log.error("replay.corrupt_object", key=key, error=str(exc))
+            return
+        for record in records:
+            self.summary.messages += 1
+            if not self._selected(record):
+                self.summary.skipped += 1
+                continue
+            if pool is None:
+                self.summary.published += 1  # dry run: would publish
+            else:
+                await self._publish(pool, record)
+            self._progress()
+
+    def _selected(self, record: dict[str, Any]) -> bool:
+        at = float(record["received_at"])
+        o = self.opts
+        if (o.since is not None and at < o.since) or (o.until is not None and at >= o.until):
+            return False
+        if o.route is not None and record.get("route") != o.route:
+            return False
+        return self._filter is None or self._filter.matches(record["topic"])
+
+    async def _publish(self, pool: Any, record: dict[str, Any]) -> None:
+        if self.opts.rate:
+            bucket = getattr(self, "_bucket", None)
+            if bucket is None:
+                bucket = self._bucket = TokenBucket(self.opts.rate, 0.1, time.monotonic())
+            while wait := bucket.delay(1, time.monotonic()):  # noqa: ASYNC110 - pacing: waiting is the point
+                await asyncio.sleep(wait)
+        while self._outstanding >= 2 * self.cfg.flow.max_inflight:
+            self._room.clear()
+            await self._room.wait()
+        topic = record["topic"] if self.opts.to_source_topic else record["target_topic"]
+        payload = base64.b64decode(record["payload_b64"])
+        props: codec.Properties | None = None
+        if self._v5:
+            props = properties_from_json(record.get("properties") or {})
+            props.pop(codec.MESSAGE_EXPIRY, None)  # an archived expiry is long past
+            props[codec.USER_PROPERTY] = [
+                *props.get(codec.USER_PROPERTY, []),
+                (REPLAY_MARKER, self.cfg.instance_id),
+                (HOP_MARKER, self.cfg.instance_id),
+            ]
+        qos = min(int(record["qos"]), 1)
+        msg = codec.Publish(record["topic"], payload, qos, bool(record["retain"]), False, 0, props)
+        pending = Pending(_NO_SOURCE, 0, qos, len(payload), 0)
+        env = Envelope(
+            source_topic=record["topic"], topic=topic.encode(), payload=payload, qos=qos,
+            retain=bool(record["retain"]), properties=props, received_at=0.0, expires_at=None,
+            route=0, pending=pending, source=msg, received_epoch=float(record["received_at"]),
+        )  # fmt: skip
+        self._outstanding += 1
+        pool.submit(env)
+
+    def _on_done(self, env: Envelope, outcome: int) -> None:
+        self._outstanding -= 1
+        if outcome == DELIVERED:
+            self.summary.published += 1
+        else:
+            self.summary.rejected += 1
+            self._log.warning("replay.rejected", topic=env.topic.decode(), outcome=outcome)
+        if self._outstanding < self.cfg.flow.max_inflight:
+            self._room.set()
+        if not self._outstanding:
+            self._done.set()
+
+    def _progress(self, final: bool = False) -> None:
+        now = time.monotonic()
+        if not final and now - self._progress_at < 0.5:
+            return
+        self._progress_at = now
+        s = self.summary
+        line = (
+            f"objects {s.objects}/{self._total_objects}  messages {s.messages}  "
+            f"published {s.published}  skipped {s.skipped}  errors {s.errors}"
+        )
+        if sys.stderr.isatty():
+            print(f"\r{line}", end="\n" if final else "", file=sys.stderr, flush=True)
+        elif final:
+            print(line, file=sys.stderr)
