@@ -7,12 +7,17 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from bridge import __version__
 from bridge.flow import Flow
-from bridge.stats import Stats
+from bridge.stats import LATENCY_BUCKETS, Stats
 
 if TYPE_CHECKING:
     from bridge.backup import S3Archive
@@ -31,6 +36,7 @@ class Probe:
     targets: list[TargetLink]
     ready: Callable[[], bool]
     archive: S3Archive | None = None
+    loop_lag: Callable[[], float] = lambda: 0.0
 
 
 class BridgeCollector(Collector):
@@ -49,6 +55,21 @@ class BridgeCollector(Collector):
             return family
 
         yield per_route("received", "Messages received from the source.", s.received)
+        latency = HistogramMetricFamily(
+            "mqtt_bridge_e2e_latency_seconds",
+            "Source receipt to target acknowledgement (QoS 1) or hand-off (QoS 0).",
+            labels=["direction", "route"],
+        )
+        bounds = [str(b) for b in LATENCY_BUCKETS] + ["+Inf"]
+        for label, per_bucket, total in zip(
+            s.routes, s.latency_counts, s.latency_sums, strict=True
+        ):
+            cumulative, running = [], 0
+            for bound, count in zip(bounds, per_bucket, strict=True):
+                running += count
+                cumulative.append((bound, running))
+            latency.add_metric([d, label], cumulative, total)
+        yield latency
         yield per_route(
             "published", "Messages the target acknowledged (QoS 1) or took (QoS 0).", s.published
         )
@@ -74,7 +95,7 @@ class BridgeCollector(Collector):
         )
         abandoned.add_metric([d], s.abandoned)
         yield abandoned
-        for name, value, doc in (
+        gauges: tuple[tuple[str, float, str], ...] = (
             ("inflight_messages", p.flow.messages, "Messages received and not yet acknowledged."),
             ("inflight_bytes", p.flow.bytes, "Payload bytes received and not yet acknowledged."),
             ("inflight_messages_peak", p.flow.peak_messages, "Highest inflight_messages so far."),
@@ -85,9 +106,15 @@ class BridgeCollector(Collector):
                 int(p.ready()),
                 "1 when subscribed at the source and connected to the target.",
             ),
-        ):
+            (
+                "event_loop_lag_seconds",
+                p.loop_lag(),
+                "How late the event loop's heartbeat woke up.",
+            ),
+        )
+        for name, reading, doc in gauges:
             gauge = GaugeMetricFamily(f"mqtt_bridge_{name}", doc, labels=["direction"])
-            gauge.add_metric([d], value)
+            gauge.add_metric([d], reading)
             yield gauge
         yield from self._connections(d)
         if p.archive is not None:

@@ -41,6 +41,7 @@ from bridge.pool import (
 from bridge.routing import TopicFilter, TopicTemplate
 from bridge.source import Source, SourceLink, plan_subscriptions
 from bridge.stats import Stats
+from bridge.watchdog import Watchdog
 
 # MQTT 5 properties a republished message keeps. Topic alias and subscription
 # identifiers belong to one connection; the expiry is rewritten as what remains.
@@ -118,6 +119,7 @@ class Bridge:
         self.source = self._make_source(cfg)
         self.pool = self._make_pool(cfg)
         self._http: HttpServer | None = None
+        self.watchdog = Watchdog()
         self._stack = contextlib.AsyncExitStack()
 
     def _make_source(self, cfg: BridgeConfig) -> Source:
@@ -268,6 +270,7 @@ class Bridge:
         pending = env.pending
         if outcome == DELIVERED:
             self.stats.published[pending.route] += 1
+            self.stats.observe_latency(pending.route, self._loop.time() - env.received_at)
             pending.acks.complete(pending)
         elif outcome == EXPIRED:
             self.stats.dropped[(pending.route, "expired")] += 1
@@ -295,6 +298,7 @@ class Bridge:
 
     async def __aenter__(self) -> Bridge:
         await self._stack.__aenter__()
+        await self._stack.enter_async_context(self.watchdog)
         listen = self.cfg.http.host_port
         if listen is not None:
             probe = Probe(
@@ -305,6 +309,7 @@ class Bridge:
                 targets=self.pool.links,
                 ready=lambda: self.ready,
                 archive=self.archive,
+                loop_lag=lambda: self.watchdog.lag,
             )
             metrics = make_registry(probe)
             self._http = await self._stack.enter_async_context(
@@ -313,7 +318,7 @@ class Bridge:
                     listen[1],
                     {
                         "/metrics": lambda: (200, "text/plain; version=0.0.4", metrics()),
-                        "/healthz": lambda: (200, "text/plain", b"ok\n"),
+                        "/healthz": self._healthz,
                         "/readyz": self._readyz,
                     },
                 )
@@ -327,6 +332,11 @@ class Bridge:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self._stack.__aexit__(None, None, None)
+
+    def _healthz(self) -> tuple[int, str, bytes]:
+        if self.watchdog.healthy:
+            return 200, "text/plain", b"ok\n"
+        return 503, "text/plain", b"event loop stalled\n"
 
     def _readyz(self) -> tuple[int, str, bytes]:
         body = orjson.dumps(

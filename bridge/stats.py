@@ -2,8 +2,27 @@
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import Counter
 from dataclasses import dataclass, field
+
+# End-to-end latency buckets (seconds): source receipt -> target acknowledgement.
+LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
 
 
 @dataclass(slots=True)
@@ -16,10 +35,23 @@ class Stats:
     dead_lettered: Counter[tuple[int, str]] = field(default_factory=Counter)
     acknowledged: int = 0
     abandoned: int = 0  # finished after their source connection was lost: redelivered later
+    # Per route: a count per bucket (the last one is +Inf), and the sum of observations.
+    latency_counts: list[list[int]] = field(default_factory=list)
+    latency_sums: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.received = [0] * len(self.routes)
         self.published = [0] * len(self.routes)
+        self.latency_counts = [[0] * (len(LATENCY_BUCKETS) + 1) for _ in self.routes]
+        self.latency_sums = [0.0] * len(self.routes)
+        # Zero series for the known reasons, so alerts on rate() see them from the start.
+        for route in range(len(self.routes)):
+            for reason in ("full", "loop", "expired"):
+                self.dropped[(route, reason)] += 0
+
+    def observe_latency(self, route: int, seconds: float) -> None:
+        self.latency_counts[route][bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.latency_sums[route] += seconds
 
     def route_index(self, label: str) -> int:
         return self.routes.index(label)
