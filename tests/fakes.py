@@ -9,15 +9,23 @@ what they record (topics, payloads, times) is checked by the test's own oracle.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import signal
+import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from bench.harness import free_port, wait_until
 from bridge import mqtt_codec as codec
 
 
@@ -152,68 +160,85 @@ class FakeTarget:
 
 
 class CountingProxy:
-    """A TCP proxy that records when each client (by MQTT client id) sent each PUBLISH."""
+    """A TCP proxy that records when each client (by MQTT client id) sent each PUBLISH.
 
-    def __init__(self, upstream_port: int) -> None:
+    It runs as its own process: timestamps taken in a thread of the test process would
+    bunch up whenever the test's other threads hold the interpreter lock.
+    """
+
+    def __init__(self, upstream_port: int, workdir: Path) -> None:
         self.upstream_port = upstream_port
-        self.publishes: dict[str, list[float]] = defaultdict(list)
-        self.port = 0
-        self._runner = _LoopThread()
-        self._writers: list[asyncio.StreamWriter] = []
+        self.port = free_port()
+        self.publishes: dict[str, list[float]] = {}
+        self._out = workdir / f"proxy-{self.port}.json"
+        self._proc: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> CountingProxy:
-        self._runner.start()
-        self._server = self._runner.call(self._start())
+        self._proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tests.fakes",
+                str(self.port),
+                str(self.upstream_port),
+                str(self._out),
+            ],
+            cwd=Path(__file__).resolve().parent.parent,
+        )
+        wait_until(self._listening, 10, what="the counting proxy")
         return self
 
+    def _listening(self) -> bool:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.2):
+            return True
+        return False
+
     def __exit__(self, *exc: object) -> None:
-        self._runner.call(self._stop())
-        self._runner.stop()
+        assert self._proc is not None
+        self._proc.send_signal(signal.SIGTERM)
+        self._proc.wait(10)
+        self.publishes = json.loads(self._out.read_text())
 
     @property
     def url(self) -> str:
         return f"mqtt://127.0.0.1:{self.port}"
 
-    async def _start(self) -> asyncio.Server:
-        server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = server.sockets[0].getsockname()[1]
-        return server
 
-    async def _stop(self) -> None:
-        self._server.close()
-        for writer in self._writers:
-            writer.close()
+async def _proxy_main(port: int, upstream: int, out: Path) -> None:
+    publishes: dict[str, list[float]] = defaultdict(list)
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
-        self._writers += [writer, up_writer]
-        await asyncio.gather(
-            self._pipe(reader, up_writer, count=True), self._pipe(up_reader, writer, count=False)
-        )
-
-    async def _pipe(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, count: bool
-    ) -> None:
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, count: bool) -> None:
         buf = bytearray()
         client = "?"
         try:
             while data := await reader.read(65536):
+                now = time.monotonic()
                 writer.write(data)
                 if count:
                     buf += data
-                    now = time.monotonic()
                     while (found := codec.split_packet(buf, 0)) is not None:
                         first, start, end = found
                         if first >> 4 == codec.CONNECT:
                             client = _client_id(bytes(buf[start:end]))
                         elif first >> 4 == codec.PUBLISH:
-                            self.publishes[client].append(now)
+                            publishes[client].append(now)
                         del buf[:end]
                 await writer.drain()
         except ConnectionError:
             pass
         finally:
             writer.close()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", upstream)
+        await asyncio.gather(pipe(reader, up_writer, True), pipe(up_reader, writer, False))
+
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    server = await asyncio.start_server(serve, "127.0.0.1", port)
+    await stop.wait()
+    server.close()
+    await asyncio.to_thread(out.write_text, json.dumps(publishes))
 
 
 def max_in_window(times: list[float], window: float = 1.0) -> int:
@@ -225,3 +250,7 @@ def max_in_window(times: list[float], window: float = 1.0) -> int:
             start += 1
         best = max(best, end - start + 1)
     return best
+
+
+if __name__ == "__main__":
+    asyncio.run(_proxy_main(int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])))

@@ -21,7 +21,7 @@ def test_four_paced_connections_never_exceed_their_rate_and_keep_topic_order(
     topic_prefix: str,
 ) -> None:
     rate, burst = 100, 0.1
-    with CountingProxy(target_broker.port) as proxy:
+    with CountingProxy(target_broker.port, tmp_path) as proxy:
         cfg = bridge_config(
             source_broker.url,
             proxy.url,
@@ -48,7 +48,10 @@ def test_four_paced_connections_never_exceed_their_rate_and_keep_topic_order(
     assert sum(map(len, per_client.values())) == 2000 + report.duplicated
     for cid, times in per_client.items():
         peak = max_in_window(times)
-        assert peak <= rate + rate * burst, (cid, peak)
+        # The bucket allows rate x (1 + burst) in any 1 s window (110 here; unpaced would be
+        # ~500). The proxy sees arrivals, not sends: a few ms of jitter can carry a
+        # message across a window edge, hence 3 messages of measurement slack.
+        assert peak <= rate * (1 + burst) + 3, (cid, peak)
         assert len(times) >= 200  # the hash spread the topics over every connection
 
 
