@@ -184,6 +184,8 @@ def test_best_effort_keeps_delivering_while_s3_is_down(
         pub.publish_numbered([f"{topic_prefix}/a"], 3000, size=200)
         pub.wait_acked()
         collector.wait_for(3000, 60)
+        # The first upload is tried once the batch is a flush_interval old.
+        wait_until(lambda: worker.metrics()["archive_failures"] >= 1, 30, what="a failed upload")
         m = worker.metrics()
         report = check(pub.acked(), collector.messages)
         s3.start()
