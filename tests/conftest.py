@@ -9,7 +9,7 @@ from typing import Any
 import boto3
 import pytest
 
-from bench.harness import Mosquitto, Worker
+from bench.harness import Mosquitto, Worker, bridge_config
 
 _counter = itertools.count()
 
@@ -92,3 +92,40 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
     rep = yield
     setattr(item, f"rep_{rep.when}", rep)
     return rep
+
+
+@dataclass
+class Rig:
+    """What an end-to-end test works with: two brokers, its workers, its own topics."""
+
+    tmp: Path
+    source: Mosquitto
+    target: Mosquitto
+    workers: list[Worker]
+    prefix: str
+
+    def worker(
+        self,
+        routes: list[dict[str, Any]],
+        *,
+        name: str | None = None,
+        target_url: str | None = None,
+        start: bool = True,
+        **settings: Any,
+    ) -> Worker:
+        """Configure (and by default start) a worker; it is stopped after the test."""
+        cfg = bridge_config(self.source.url, target_url or self.target.url, routes, **settings)
+        worker = Worker(self.tmp, cfg, name=name)
+        self.workers.append(worker)
+        return worker.start() if start else worker
+
+
+@pytest.fixture
+def rig(
+    tmp_path: Path,
+    source_broker: Mosquitto,
+    target_broker: Mosquitto,
+    workers: list[Worker],
+    topic_prefix: str,
+) -> Rig:
+    return Rig(tmp_path, source_broker, target_broker, workers, topic_prefix)

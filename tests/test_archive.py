@@ -22,12 +22,10 @@ from bench.harness import (
     Collector,
     Mosquitto,
     Publisher,
-    Worker,
-    bridge_config,
     check,
     wait_until,
 )
-from tests.conftest import S3
+from tests.conftest import S3, Rig
 
 KEY = re.compile(r"^arch/dtb/dt=\d{4}-\d{2}-\d{2}/hour=\d{2}/w-0-\d{13}-\d{6}\.jsonl\.gz$")
 
@@ -48,27 +46,16 @@ def backup(s3: S3, **extra: Any) -> dict[str, Any]:
                    "region": "us-east-1", "flush_interval": 0.5, **extra}}  # fmt: skip
 
 
-def test_archive_holds_exactly_the_delivered_set(
-    tmp_path: Path,
-    s3: S3,
-    source_broker: Mosquitto,
-    target_broker: Mosquitto,
-    workers: list[Worker],
-    topic_prefix: str,
-) -> None:
-    routes = [{"source": f"{topic_prefix}/+", "target": "out/{1}", "name": "telemetry"}]
-    cfg = bridge_config(
-        source_broker.url, target_broker.url, routes, backup=backup(s3, mode="required")
-    )
-    worker = Worker(tmp_path, cfg)
-    workers.append(worker.start())
-    topics = [f"{topic_prefix}/{i}" for i in range(4)]
+def test_archive_holds_exactly_the_delivered_set(rig: Rig, s3: S3) -> None:
+    routes = [{"source": f"{rig.prefix}/+", "target": "out/{1}", "name": "telemetry"}]
+    worker = rig.worker(routes, backup=backup(s3, mode="required"))
+    topics = [f"{rig.prefix}/{i}" for i in range(4)]
     props = Properties(PacketTypes.PUBLISH)
     props.UserProperty = [("k", "v")]
     props.ContentType = "text/plain"
     props.CorrelationData = b"\x00\xffc"
-    with Collector(target_broker.url, "out/#") as collector, Publisher(source_broker.url) as pub:
-        pub.publish(f"{topic_prefix}/props", 0, properties=props)
+    with Collector(rig.target.url, "out/#") as collector, Publisher(rig.source.url) as pub:
+        pub.publish(f"{rig.prefix}/props", 0, properties=props)
         pub.publish_numbered(topics, 10_000, size=100)
         pub.wait_acked()
         collector.wait_for(10_001, 60)
@@ -105,30 +92,15 @@ def test_archive_holds_exactly_the_delivered_set(
     assert '"drained":true' in worker.log_tail(100_000)
 
 
-def test_required_mode_acknowledges_nothing_while_s3_is_down(
-    tmp_path: Path,
-    s3: S3,
-    source_broker: Mosquitto,
-    target_broker: Mosquitto,
-    workers: list[Worker],
-    topic_prefix: str,
-) -> None:
-    routes = [{"source": f"{topic_prefix}/#"}]
-    cfg = bridge_config(
-        source_broker.url,
-        target_broker.url,
-        routes,
-        flow={"max_inflight": 300},
-        backup=backup(s3, mode="required"),
-    )
-    worker = Worker(tmp_path, cfg)
-    workers.append(worker.start())
+def test_required_mode_acknowledges_nothing_while_s3_is_down(rig: Rig, s3: S3) -> None:
+    routes = [{"source": f"{rig.prefix}/#"}]
+    worker = rig.worker(routes, flow={"max_inflight": 300}, backup=backup(s3, mode="required"))
     with (
-        Collector(target_broker.url, f"{topic_prefix}/#") as collector,
-        Publisher(source_broker.url) as pub,
+        Collector(rig.target.url, f"{rig.prefix}/#") as collector,
+        Publisher(rig.source.url) as pub,
     ):
         publishing = pub.publish_in_background(
-            [f"{topic_prefix}/a", f"{topic_prefix}/b"], 4000, rate=800
+            [f"{rig.prefix}/a", f"{rig.prefix}/b"], 4000, rate=800
         )
         wait_until(
             lambda: pub.sent >= 1000 and worker.metrics()["archive_batches"] >= 1,
@@ -159,29 +131,15 @@ def test_required_mode_acknowledges_nothing_while_s3_is_down(
     assert len(topics_numbers) == 4000
 
 
-def test_best_effort_keeps_delivering_while_s3_is_down(
-    tmp_path: Path,
-    s3: S3,
-    source_broker: Mosquitto,
-    target_broker: Mosquitto,
-    workers: list[Worker],
-    topic_prefix: str,
-) -> None:
-    routes = [{"source": f"{topic_prefix}/#"}]
-    cfg = bridge_config(
-        source_broker.url,
-        target_broker.url,
-        routes,
-        backup=backup(s3, mode="best_effort", max_buffer_bytes=64 * 1024),
-    )
-    worker = Worker(tmp_path, cfg)
-    workers.append(worker.start())
+def test_best_effort_keeps_delivering_while_s3_is_down(rig: Rig, s3: S3) -> None:
+    routes = [{"source": f"{rig.prefix}/#"}]
+    worker = rig.worker(routes, backup=backup(s3, mode="best_effort", max_buffer_bytes=64 * 1024))
     with (
-        Collector(target_broker.url, f"{topic_prefix}/#") as collector,
-        Publisher(source_broker.url) as pub,
+        Collector(rig.target.url, f"{rig.prefix}/#") as collector,
+        Publisher(rig.source.url) as pub,
     ):
         s3.stop()
-        pub.publish_numbered([f"{topic_prefix}/a"], 3000, size=200)
+        pub.publish_numbered([f"{rig.prefix}/a"], 3000, size=200)
         pub.wait_acked()
         collector.wait_for(3000, 60)
         # The first upload is tried once the batch is a flush_interval old.
@@ -204,23 +162,16 @@ def _replay(cfg_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_replay_redrives_the_archive_with_filters_and_skips_corrupt_objects(
-    tmp_path: Path,
-    s3: S3,
-    source_broker: Mosquitto,
-    target_broker: Mosquitto,
-    workers: list[Worker],
-    topic_prefix: str,
+    rig: Rig, s3: S3
 ) -> None:
-    routes = [{"source": f"{topic_prefix}/+", "target": "out/{1}"}]
-    cfg = bridge_config(source_broker.url, target_broker.url, routes, backup=backup(s3))
-    worker = Worker(tmp_path, cfg)
-    workers.append(worker.start())
+    routes = [{"source": f"{rig.prefix}/+", "target": "out/{1}"}]
+    worker = rig.worker(routes, backup=backup(s3))
     marks = []
-    with Publisher(source_broker.url) as pub:
+    with Publisher(rig.source.url) as pub:
         for phase in range(3):
             marks.append(time.time())
             for n in range(100):
-                pub.publish(f"{topic_prefix}/{'ab'[n % 2]}", phase * 100 + n)
+                pub.publish(f"{rig.prefix}/{'ab'[n % 2]}", phase * 100 + n)
             pub.wait_acked()
             time.sleep(1.2)
     marks.append(time.time())
@@ -229,10 +180,10 @@ def test_replay_redrives_the_archive_with_filters_and_skips_corrupt_objects(
     corrupt = "arch/dtb/dt=2026-01-01/hour=00/w-0-1767225600000-000000.jsonl.gz"
     s3.client.put_object(Bucket=s3.bucket, Key=corrupt, Body=b"this is not gzip")
 
-    with Mosquitto(tmp_path, "fresh") as fresh:
-        replay_cfg = tmp_path / "replay.yaml"
+    with Mosquitto(rig.tmp, "fresh") as fresh:
+        replay_cfg = rig.tmp / "replay.yaml"
         replay_cfg.write_text(
-            yaml.safe_dump({**cfg, "target": {"url": fresh.url, "protocol": "5"}})
+            yaml.safe_dump({**worker.cfg, "target": {"url": fresh.url, "protocol": "5"}})
         )
         source = f"s3://{s3.bucket}/arch/"
 
@@ -250,7 +201,7 @@ def test_replay_redrives_the_archive_with_filters_and_skips_corrupt_objects(
         with Collector(fresh.url, "out/#", client_id="window") as window:
             window_args = ["--since", str(marks[1]), "--until", str(marks[2])]
             done = _replay(replay_cfg, "--from", source, *window_args,
-                           "--topic-filter", f"{topic_prefix}/a", "--rate", "500")  # fmt: skip
+                           "--topic-filter", f"{rig.prefix}/a", "--rate", "500")  # fmt: skip
             window.wait_for(50, 30)
             time.sleep(0.5)
         assert "published: 50" in done.stdout, done.stdout

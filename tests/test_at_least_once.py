@@ -4,42 +4,36 @@ from __future__ import annotations
 
 import signal
 import time
-from pathlib import Path
 
-from bench.harness import Collector, Mosquitto, Publisher, Worker, bridge_config, check, wait_until
+from bench.harness import Collector, Publisher, Worker, bridge_config, check, wait_until
+from tests.conftest import Rig
 
 
-def test_two_workers_share_group_survive_kill9(
-    tmp_path: Path,
-    source_broker: Mosquitto,
-    target_broker: Mosquitto,
-    workers: list[Worker],
-    topic_prefix: str,
-) -> None:
+def test_two_workers_share_group_survive_kill9(rig: Rig) -> None:
     routes = [
         {
-            "source": f"{topic_prefix}/+/telemetry",
+            "source": f"{rig.prefix}/+/telemetry",
             "share_group": "svc-a",
             "target": "dt/{1}/telemetry",
         }
     ]
-    topics = [f"{topic_prefix}/dev{i}/telemetry" for i in range(4)]
+    topics = [f"{rig.prefix}/dev{i}/telemetry" for i in range(4)]
 
     def make(instance: str) -> Worker:
-        cfg = bridge_config(source_broker.url, target_broker.url, routes, instance_id=instance)
-        return Worker(tmp_path, cfg)
+        cfg = bridge_config(rig.source.url, rig.target.url, routes, instance_id=instance)
+        return Worker(rig.tmp, cfg)
 
     a, b = make("dtb-a"), make("dtb-b")
-    workers += [a.start(), b.start()]
-    with Collector(target_broker.url, "dt/#") as collector, Publisher(source_broker.url) as pub:
+    rig.workers += [a.start(), b.start()]
+    with Collector(rig.target.url, "dt/#") as collector, Publisher(rig.source.url) as pub:
         publishing = pub.publish_in_background(topics, 20_000, qos=1, rate=3000)
         # Act on the publisher's progress, not the collector's: the freeze below must
         # come while messages are still flowing, however slow this machine is today.
         wait_until(lambda: pub.sent >= 6000 and collector.count() >= 1000, 60, what="6000 sent")
         # Freeze the target so that a dies holding a window of unacknowledged messages:
         # exactly the ones an acknowledge-on-receipt bridge would lose.
-        assert target_broker.proc is not None
-        target_broker.proc.send_signal(signal.SIGSTOP)
+        assert rig.target.proc is not None
+        rig.target.proc.send_signal(signal.SIGSTOP)
         try:
             wait_until(
                 lambda: a.metrics()["inflight_messages"] >= 100, 30, what="a's window to fill"
@@ -47,10 +41,10 @@ def test_two_workers_share_group_survive_kill9(
             a.signal(signal.SIGKILL)
             a.wait(10)
         finally:
-            target_broker.proc.send_signal(signal.SIGCONT)
+            rig.target.proc.send_signal(signal.SIGCONT)
         time.sleep(1.0)  # the share group keeps assigning to a's session meanwhile
-        restarted = Worker(tmp_path, a.cfg, name="dtb-a-restarted")
-        workers.append(restarted.start())
+        restarted = Worker(rig.tmp, a.cfg, name="dtb-a-restarted")
+        rig.workers.append(restarted.start())
         publishing.join(60)
         pub.wait_acked(120)
         acked = pub.acked()

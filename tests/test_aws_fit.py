@@ -10,32 +10,27 @@ import yaml
 
 from bench.harness import Collector, Mosquitto, Publisher, Worker, bridge_config, check, wait_until
 from bridge.cli import main
+from tests.conftest import Rig
 from tests.fakes import CountingProxy, FakeTarget, max_in_window
 
 
-def test_four_paced_connections_never_exceed_their_rate_and_keep_topic_order(
-    tmp_path: Path,
-    source_broker: Mosquitto,
-    target_broker: Mosquitto,
-    workers: list[Worker],
-    topic_prefix: str,
-) -> None:
+def test_four_paced_connections_never_exceed_their_rate_and_keep_topic_order(rig: Rig) -> None:
     rate, burst = 100, 0.1
-    with CountingProxy(target_broker.port, tmp_path) as proxy:
+    with CountingProxy(rig.target.port, rig.tmp) as proxy:
         cfg = bridge_config(
-            source_broker.url,
+            rig.source.url,
             proxy.url,
-            [{"source": f"{topic_prefix}/#", "target": "out/{1}"}],
+            [{"source": f"{rig.prefix}/#", "target": "out/{1}"}],
             target={
                 "connections": 4,
                 "limits": {"publish_rate": rate, "burst": burst, "inflight": 100},
             },
         )
-        workers.append(Worker(tmp_path, cfg).start())
-        topics = [f"{topic_prefix}/dev{i}" for i in range(16)]
+        rig.workers.append(Worker(rig.tmp, cfg).start())
+        topics = [f"{rig.prefix}/dev{i}" for i in range(16)]
         with (
-            Collector(target_broker.url, "out/#") as collector,
-            Publisher(source_broker.url) as pub,
+            Collector(rig.target.url, "out/#") as collector,
+            Publisher(rig.source.url) as pub,
         ):
             pub.publish_numbered(topics, 2000)
             pub.wait_acked()
@@ -55,22 +50,20 @@ def test_four_paced_connections_never_exceed_their_rate_and_keep_topic_order(
         assert len(times) >= 200  # the hash spread the topics over every connection
 
 
-def test_oversize_payload_and_deep_topic_are_dead_lettered_mid_stream(
-    tmp_path: Path, source_broker: Mosquitto, workers: list[Worker], topic_prefix: str
-) -> None:
-    with Mosquitto(tmp_path, "cloud-like", extra="message_size_limit 131072") as target:
+def test_oversize_payload_and_deep_topic_are_dead_lettered_mid_stream(rig: Rig) -> None:
+    with Mosquitto(rig.tmp, "cloud-like", extra="message_size_limit 131072") as target:
         cfg = bridge_config(
-            source_broker.url,
+            rig.source.url,
             target.url,
-            [{"source": f"{topic_prefix}/#", "target": "dt/{1}"}],
+            [{"source": f"{rig.prefix}/#", "target": "dt/{1}"}],
             target={
                 "limits": {"max_payload": 131072, "max_topic_slashes": 7, "max_topic_bytes": 256}
             },
         )
-        worker = Worker(tmp_path, cfg)
-        workers.append(worker.start())
-        ok, deep = f"{topic_prefix}/a/b", f"{topic_prefix}/1/2/3/4/5/6/7/8"
-        with Collector(target.url, "dt/#") as collector, Publisher(source_broker.url) as pub:
+        worker = Worker(rig.tmp, cfg)
+        rig.workers.append(worker.start())
+        ok, deep = f"{rig.prefix}/a/b", f"{rig.prefix}/1/2/3/4/5/6/7/8"
+        with Collector(target.url, "dt/#") as collector, Publisher(rig.source.url) as pub:
             pub.publish_numbered([ok], 100)
             pub.publish(ok, 100, size=140 * 1024)  # over 128 KB
             pub.publish(deep, 0)  # dt/1/2/3/4/5/6/7/8: 8 slashes
@@ -91,7 +84,7 @@ def test_oversize_payload_and_deep_topic_are_dead_lettered_mid_stream(
     assert report.out_of_order == 0
     assert report.delivered == 200
     m = worker.metrics()
-    route = f"{topic_prefix}/#"
+    route = f"{rig.prefix}/#"
     assert m[f"dead_lettered{{reason=payload_too_large,route={route}}}"] == 1
     assert m[f"dead_lettered{{reason=topic_too_deep,route={route}}}"] == 1
     assert m["acknowledged"] == 202
@@ -100,24 +93,22 @@ def test_oversize_payload_and_deep_topic_are_dead_lettered_mid_stream(
     assert "topic_too_deep: 8 slashes > 7" in log
 
 
-def test_quota_exceeded_slows_the_connection_and_retries(
-    tmp_path: Path, source_broker: Mosquitto, workers: list[Worker], topic_prefix: str
-) -> None:
+def test_quota_exceeded_slows_the_connection_and_retries(rig: Rig) -> None:
     # Every 10th publish of the first 200 is refused with 0x97 (quota exceeded).
     def decide(n: int, topic: str, payload: bytes) -> int:
         return 0x97 if n < 200 and n % 10 == 9 else 0
 
     with FakeTarget(decide) as fake:
         cfg = bridge_config(
-            source_broker.url,
+            rig.source.url,
             fake.url,
-            [{"source": f"{topic_prefix}/#"}],
+            [{"source": f"{rig.prefix}/#"}],
             target={"limits": {"publish_rate": 400, "burst": 0.1}},
         )
-        worker = Worker(tmp_path, cfg)
-        workers.append(worker.start())
-        with Publisher(source_broker.url) as pub:
-            pub.publish_numbered([f"{topic_prefix}/a", f"{topic_prefix}/b"], 400)
+        worker = Worker(rig.tmp, cfg)
+        rig.workers.append(worker.start())
+        with Publisher(rig.source.url) as pub:
+            pub.publish_numbered([f"{rig.prefix}/a", f"{rig.prefix}/b"], 400)
             pub.wait_acked()
         wait_until(lambda: len(fake.accepted) >= 400, 60, what="all accepted by the fake target")
         m = worker.metrics()
@@ -136,25 +127,18 @@ def test_quota_exceeded_slows_the_connection_and_retries(
 @pytest.mark.parametrize(
     ("reason", "event"), [(0x8E, "target.session_taken_over"), (0x93, "target.window_shrunk")]
 )
-def test_disconnect_reasons_alarm_and_reconnect(
-    tmp_path: Path,
-    source_broker: Mosquitto,
-    workers: list[Worker],
-    topic_prefix: str,
-    reason: int,
-    event: str,
-) -> None:
+def test_disconnect_reasons_alarm_and_reconnect(rig: Rig, reason: int, event: str) -> None:
     def decide(n: int, topic: str, payload: bytes) -> int | tuple[str, int]:
         return ("disconnect", reason) if n == 50 else 0
 
     with FakeTarget(decide, receive_maximum=64) as fake:
         cfg = bridge_config(
-            source_broker.url, fake.url, [{"source": f"{topic_prefix}/#"}], instance_id="dtb-3"
+            rig.source.url, fake.url, [{"source": f"{rig.prefix}/#"}], instance_id="dtb-3"
         )
-        worker = Worker(tmp_path, cfg)
-        workers.append(worker.start())
-        with Publisher(source_broker.url) as pub:
-            pub.publish_numbered([f"{topic_prefix}/a"], 200)
+        worker = Worker(rig.tmp, cfg)
+        rig.workers.append(worker.start())
+        with Publisher(rig.source.url) as pub:
+            pub.publish_numbered([f"{rig.prefix}/a"], 200)
             pub.wait_acked()
         wait_until(lambda: len({p for _, p in fake.accepted}) >= 200, 60, what="all accepted")
         m = worker.metrics()

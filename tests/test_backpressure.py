@@ -3,35 +3,27 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
-from bench.harness import Collector, Mosquitto, Publisher, Worker, bridge_config, check, wait_until
+from bench.harness import Collector, Publisher, check, wait_until
+from tests.conftest import Rig
 
 
-def test_target_down_5s_loses_nothing_and_respects_max_inflight(
-    tmp_path: Path,
-    source_broker: Mosquitto,
-    target_broker: Mosquitto,
-    workers: list[Worker],
-    topic_prefix: str,
-) -> None:
-    routes = [{"source": f"{topic_prefix}/#", "target": "out/{topic}"}]
-    cfg = bridge_config(source_broker.url, target_broker.url, routes, flow={"max_inflight": 200})
-    worker = Worker(tmp_path, cfg)
-    workers.append(worker.start())
-    topics = [f"{topic_prefix}/d{i}" for i in range(4)]
+def test_target_down_5s_loses_nothing_and_respects_max_inflight(rig: Rig) -> None:
+    routes = [{"source": f"{rig.prefix}/#", "target": "out/{topic}"}]
+    worker = rig.worker(routes, flow={"max_inflight": 200})
+    topics = [f"{rig.prefix}/d{i}" for i in range(4)]
     # The collector's persistent session survives the target's restart (broker persistence).
     with (
-        Collector(target_broker.url, "out/#", client_id="collector-outage") as collector,
-        Publisher(source_broker.url) as pub,
+        Collector(rig.target.url, "out/#", client_id="collector-outage") as collector,
+        Publisher(rig.source.url) as pub,
     ):
         publishing = pub.publish_in_background(topics, 12_000, rate=1000)
         wait_until(lambda: pub.sent >= 2000 and collector.count() >= 500, 30, what="2000 sent")
-        target_broker.stop()
+        rig.target.stop()
         wait_until(lambda: not worker.ready(), 10, what="readiness to drop")
         time.sleep(5)
         during = worker.metrics()
-        target_broker.start()
+        rig.target.start()
         wait_until(worker.ready, 30, what="readiness to return")
         publishing.join(60)
         pub.wait_acked(60)

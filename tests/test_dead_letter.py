@@ -5,25 +5,23 @@ from __future__ import annotations
 
 import signal
 import time
-from pathlib import Path
 
 from bench.harness import Collector, Mosquitto, Publisher, Worker, bridge_config, check, wait_until
+from tests.conftest import Rig
 
 
-def test_target_rejection_is_dead_lettered_and_the_stream_flows(
-    tmp_path: Path, source_broker: Mosquitto, workers: list[Worker], topic_prefix: str
-) -> None:
+def test_target_rejection_is_dead_lettered_and_the_stream_flows(rig: Rig) -> None:
     # Mosquitto 2.0 answers a denied MQTT 5 publish with PUBACK 0x87 and then drops the
     # connection; the reset may swallow the PUBACK. Either way the message must end up
     # dead-lettered (reason 0x87, or the poison-message detection) and the rest flow.
-    acl = tmp_path / "acl"
+    acl = rig.tmp / "acl"
     acl.write_text("topic deny out/denied/#\ntopic readwrite #\n")
-    with Mosquitto(tmp_path, "strict-target", extra=f"acl_file {acl}") as target:
-        routes = [{"source": f"{topic_prefix}/#", "target": "out/{1}"}]
-        worker = Worker(tmp_path, bridge_config(source_broker.url, target.url, routes))
-        workers.append(worker.start())
-        topics = [f"{topic_prefix}/ok/a", f"{topic_prefix}/denied/b", f"{topic_prefix}/ok/c"]
-        with Collector(target.url, "out/#") as collector, Publisher(source_broker.url) as pub:
+    with Mosquitto(rig.tmp, "strict-target", extra=f"acl_file {acl}") as target:
+        routes = [{"source": f"{rig.prefix}/#", "target": "out/{1}"}]
+        worker = Worker(rig.tmp, bridge_config(rig.source.url, target.url, routes))
+        rig.workers.append(worker.start())
+        topics = [f"{rig.prefix}/ok/a", f"{rig.prefix}/denied/b", f"{rig.prefix}/ok/c"]
+        with Collector(target.url, "out/#") as collector, Publisher(rig.source.url) as pub:
             pub.publish_numbered(topics, 60)
             pub.wait_acked()
             collector.wait_for(40, 60)
@@ -35,7 +33,7 @@ def test_target_rejection_is_dead_lettered_and_the_stream_flows(
     assert report.unexpected == 0
     assert report.delivered == 40 + report.duplicated
     metrics = worker.metrics()
-    route = f"{topic_prefix}/#"
+    route = f"{rig.prefix}/#"
     by_reason = {
         reason: metrics[f"dead_lettered{{reason={reason},route={route}}}"]
         for reason in ("rejected_0x87", "connection_dropped")
@@ -45,26 +43,18 @@ def test_target_rejection_is_dead_lettered_and_the_stream_flows(
     assert metrics["inflight_messages"] == 0
     log = worker.log_tail(200_000)
     assert log.count('"event":"message.dead_lettered"') == 20
-    assert f"{topic_prefix}/denied/b|" not in log  # never a payload in the logs
+    assert f"{rig.prefix}/denied/b|" not in log  # never a payload in the logs
 
 
-def test_qos0_beyond_the_bound_is_dropped_and_counted(
-    tmp_path: Path,
-    source_broker: Mosquitto,
-    target_broker: Mosquitto,
-    workers: list[Worker],
-    topic_prefix: str,
-) -> None:
-    routes = [{"source": f"{topic_prefix}/#", "qos": 0}]
-    cfg = bridge_config(source_broker.url, target_broker.url, routes, flow={"max_inflight": 20})
-    worker = Worker(tmp_path, cfg)
-    workers.append(worker.start())
-    assert target_broker.proc is not None
-    with Publisher(source_broker.url) as pub:
-        target_broker.proc.send_signal(signal.SIGSTOP)  # the target stops reading
+def test_qos0_beyond_the_bound_is_dropped_and_counted(rig: Rig) -> None:
+    routes = [{"source": f"{rig.prefix}/#", "qos": 0}]
+    worker = rig.worker(routes, flow={"max_inflight": 20})
+    assert rig.target.proc is not None
+    with Publisher(rig.source.url) as pub:
+        rig.target.proc.send_signal(signal.SIGSTOP)  # the target stops reading
         try:
             # Big payloads fill the frozen target's socket, so the window fills up.
-            pub.publish_numbered([f"{topic_prefix}/a"], 3000, qos=0, size=64 * 1024)
+            pub.publish_numbered([f"{rig.prefix}/a"], 3000, qos=0, size=64 * 1024)
             time.sleep(1.0)
             wait_until(
                 lambda: worker.metrics()["received"] + worker.metrics()["dropped"] >= 3000,
@@ -72,8 +62,8 @@ def test_qos0_beyond_the_bound_is_dropped_and_counted(
                 what="every QoS 0 message received or dropped",
             )
         finally:
-            target_broker.proc.send_signal(signal.SIGCONT)
+            rig.target.proc.send_signal(signal.SIGCONT)
     metrics = worker.metrics()
-    assert metrics[f"dropped{{reason=full,route={topic_prefix}/#}}"] > 0
+    assert metrics[f"dropped{{reason=full,route={rig.prefix}/#}}"] > 0
     assert metrics["received"] + metrics["dropped"] == 3000
     assert metrics["inflight_messages_peak"] <= 20

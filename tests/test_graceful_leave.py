@@ -4,52 +4,44 @@ from __future__ import annotations
 
 import signal
 import time
-from pathlib import Path
 
-from bench.harness import Collector, Mosquitto, Publisher, Worker, bridge_config, check, wait_until
+from bench.harness import Collector, Publisher, Worker, bridge_config, check, wait_until
+from tests.conftest import Rig
 
 
-def test_sigterm_with_backlog_exits_clean_without_loss_or_duplicates(
-    tmp_path: Path,
-    source_broker: Mosquitto,
-    target_broker: Mosquitto,
-    workers: list[Worker],
-    topic_prefix: str,
-) -> None:
-    routes = [{"source": f"{topic_prefix}/+", "share_group": "g", "target": "{topic}"}]
+def test_sigterm_with_backlog_exits_clean_without_loss_or_duplicates(rig: Rig) -> None:
+    routes = [{"source": f"{rig.prefix}/+", "share_group": "g", "target": "{topic}"}]
     deadline = 10.0
     a = Worker(
-        tmp_path,
+        rig.tmp,
         bridge_config(
-            source_broker.url,
-            target_broker.url,
+            rig.source.url,
+            rig.target.url,
             routes,
             instance_id="a",
             shutdown={"deadline": deadline},
             flow={"max_inflight": 300},
         ),
     )
-    b = Worker(
-        tmp_path, bridge_config(source_broker.url, target_broker.url, routes, instance_id="b")
-    )
-    workers += [a.start(), b.start()]
-    topics = [f"{topic_prefix}/{i}" for i in range(4)]
+    b = Worker(rig.tmp, bridge_config(rig.source.url, rig.target.url, routes, instance_id="b"))
+    rig.workers += [a.start(), b.start()]
+    topics = [f"{rig.prefix}/{i}" for i in range(4)]
     with (
-        Collector(target_broker.url, f"{topic_prefix}/#") as collector,
-        Publisher(source_broker.url) as pub,
+        Collector(rig.target.url, f"{rig.prefix}/#") as collector,
+        Publisher(rig.source.url) as pub,
     ):
         publishing = pub.publish_in_background(topics, 8000, rate=2000)
         wait_until(lambda: pub.sent >= 2000 and collector.count() >= 500, 30, what="2000 sent")
         # Freeze the target so that worker a holds a full window when told to leave.
-        assert target_broker.proc is not None
-        target_broker.proc.send_signal(signal.SIGSTOP)
+        assert rig.target.proc is not None
+        rig.target.proc.send_signal(signal.SIGSTOP)
         try:
             wait_until(lambda: a.metrics()["inflight_messages"] == 300, 30, what="a full window")
             started = time.monotonic()
             a.signal(signal.SIGTERM)
             time.sleep(1.0)
         finally:
-            target_broker.proc.send_signal(signal.SIGCONT)
+            rig.target.proc.send_signal(signal.SIGCONT)
         code = a.wait(deadline + 5)
         took = time.monotonic() - started
         publishing.join(60)
@@ -68,19 +60,17 @@ def test_sigterm_with_backlog_exits_clean_without_loss_or_duplicates(
     assert '"drained":true' in log
 
 
-def test_second_signal_exits_at_once(
-    tmp_path: Path, source_broker: Mosquitto, workers: list[Worker], topic_prefix: str
-) -> None:
+def test_second_signal_exits_at_once(rig: Rig) -> None:
     # The target is unreachable, so the drain of the held message cannot finish.
     dead_target = "mqtt://127.0.0.1:9"
     cfg = bridge_config(
-        source_broker.url, dead_target, [{"source": f"{topic_prefix}/#"}], shutdown={"deadline": 25}
+        rig.source.url, dead_target, [{"source": f"{rig.prefix}/#"}], shutdown={"deadline": 25}
     )
-    worker = Worker(tmp_path, cfg)
-    workers.append(worker.start(wait_ready=False))
+    worker = Worker(rig.tmp, cfg)
+    rig.workers.append(worker.start(wait_ready=False))
     wait_until(lambda: "source.subscribed" in worker.log_tail(), 15, what="subscription")
-    with Publisher(source_broker.url) as pub:
-        pub.publish(f"{topic_prefix}/x", 0)
+    with Publisher(rig.source.url) as pub:
+        pub.publish(f"{rig.prefix}/x", 0)
         pub.wait_acked(10)
     wait_until(lambda: worker.metrics()["inflight_messages"] == 1, 10, what="one held message")
     worker.signal(signal.SIGTERM)

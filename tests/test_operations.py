@@ -7,9 +7,9 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
-from bench.harness import ROOT, Collector, Mosquitto, Publisher, Worker, bridge_config, wait_until
+from bench.harness import ROOT, Collector, Publisher, Worker, bridge_config, wait_until
+from tests.conftest import Rig
 
 CATALOGUE = [
     "received_total", "published_total", "acknowledged_total", "dropped_total",
@@ -29,25 +29,19 @@ def status(port: int, path: str) -> int:
         return int(exc.code)
 
 
-def test_metrics_catalogue_counts_add_up(
-    tmp_path: Path,
-    source_broker: Mosquitto,
-    target_broker: Mosquitto,
-    workers: list[Worker],
-    topic_prefix: str,
-) -> None:
+def test_metrics_catalogue_counts_add_up(rig: Rig) -> None:
     routes = [
-        {"source": f"{topic_prefix}/a/#", "name": "a"},
-        {"source": f"{topic_prefix}/b/#", "name": "b", "qos": 0},
+        {"source": f"{rig.prefix}/a/#", "name": "a"},
+        {"source": f"{rig.prefix}/b/#", "name": "b", "qos": 0},
     ]
-    worker = Worker(tmp_path, bridge_config(source_broker.url, target_broker.url, routes))
-    workers.append(worker.start())
+    worker = Worker(rig.tmp, bridge_config(rig.source.url, rig.target.url, routes))
+    rig.workers.append(worker.start())
     with (
-        Collector(target_broker.url, f"{topic_prefix}/#") as collector,
-        Publisher(source_broker.url) as pub,
+        Collector(rig.target.url, f"{rig.prefix}/#") as collector,
+        Publisher(rig.source.url) as pub,
     ):
-        pub.publish_numbered([f"{topic_prefix}/a/1", f"{topic_prefix}/a/2"], 600)
-        pub.publish_numbered([f"{topic_prefix}/b/1"], 300, qos=1)
+        pub.publish_numbered([f"{rig.prefix}/a/1", f"{rig.prefix}/a/2"], 600)
+        pub.publish_numbered([f"{rig.prefix}/b/1"], 300, qos=1)
         pub.wait_acked()
         collector.wait_for(900, 30)
         time.sleep(0.3)
@@ -73,28 +67,22 @@ def test_metrics_catalogue_counts_add_up(
     assert 0 <= m["event_loop_lag_seconds"] < 1
 
 
-def test_readyz_follows_the_target_and_health_command(
-    tmp_path: Path,
-    source_broker: Mosquitto,
-    target_broker: Mosquitto,
-    workers: list[Worker],
-    topic_prefix: str,
-) -> None:
+def test_readyz_follows_the_target_and_health_command(rig: Rig) -> None:
     worker = Worker(
-        tmp_path,
-        bridge_config(source_broker.url, target_broker.url, [{"source": f"{topic_prefix}/#"}]),
+        rig.tmp,
+        bridge_config(rig.source.url, rig.target.url, [{"source": f"{rig.prefix}/#"}]),
     )
-    workers.append(worker.start())
+    rig.workers.append(worker.start())
     port = worker.http_port
     assert status(port, "/readyz") == 200
     assert status(port, "/healthz") == 200
     health = [sys.executable, "-m", "bridge", "health", "--url", f"http://127.0.0.1:{port}/healthz"]
     assert subprocess.run(health, check=False, cwd=ROOT, timeout=30).returncode == 0
-    target_broker.stop()
+    rig.target.stop()
     wait_until(lambda: status(port, "/readyz") == 503, 15, what="/readyz 503")
     assert status(port, "/healthz") == 200  # alive, just not ready
     assert worker.metrics()["connected{connection=0,side=target}"] == 0
-    target_broker.start()
+    rig.target.start()
     wait_until(lambda: status(port, "/readyz") == 200, 30, what="/readyz 200 again")
     worker.stop()
     down = subprocess.run(health, check=False, cwd=ROOT, timeout=30, capture_output=True, text=True)

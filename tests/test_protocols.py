@@ -3,40 +3,34 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from bench.harness import Collector, Mosquitto, Publisher, Worker, bridge_config, check, wait_until
+from bench.harness import Collector, Publisher, Worker, bridge_config, check, wait_until
+from tests.conftest import Rig
 
 HOP = "mqtt-bridge-hop"
 
 
 @pytest.mark.parametrize(("source_protocol", "target_protocol"), [("3.1.1", "5"), ("5", "3.1.1")])
 def test_mixed_protocols_deliver_everything_mapped(
-    tmp_path: Path,
-    source_broker: Mosquitto,
-    target_broker: Mosquitto,
-    workers: list[Worker],
-    topic_prefix: str,
-    source_protocol: str,
-    target_protocol: str,
+    rig: Rig, source_protocol: str, target_protocol: str
 ) -> None:
-    routes = [{"source": f"{topic_prefix}/+/up", "share_group": "g", "target": "cloud/{1}"}]
+    routes = [{"source": f"{rig.prefix}/+/up", "share_group": "g", "target": "cloud/{1}"}]
     cfg = bridge_config(
-        source_broker.url,
-        target_broker.url,
+        rig.source.url,
+        rig.target.url,
         routes,
         source_protocol=source_protocol,
         target_protocol=target_protocol,
     )
-    workers.append(Worker(tmp_path, cfg).start())
-    topics = [f"{topic_prefix}/d{i}/up" for i in range(3)]
+    rig.workers.append(Worker(rig.tmp, cfg).start())
+    topics = [f"{rig.prefix}/d{i}/up" for i in range(3)]
     with (
-        Collector(target_broker.url, "cloud/#", protocol=target_protocol) as collector,
-        Publisher(source_broker.url, protocol=source_protocol) as pub,
+        Collector(rig.target.url, "cloud/#", protocol=target_protocol) as collector,
+        Publisher(rig.source.url, protocol=source_protocol) as pub,
     ):
         pub.publish_numbered(topics, 900)
         pub.wait_acked()
@@ -58,27 +52,19 @@ def _props(**values: object) -> Properties:
 
 
 @pytest.fixture
-def v5_worker(
-    tmp_path: Path,
-    source_broker: Mosquitto,
-    target_broker: Mosquitto,
-    workers: list[Worker],
-    topic_prefix: str,
-) -> Worker:
+def v5_worker(rig: Rig) -> Worker:
     routes = [
-        {"source": f"{topic_prefix}/keep/#", "target": "out/keep/{1}", "retain": True},
-        {"source": f"{topic_prefix}/clear/#", "target": "out/clear/{1}", "retain": False},
-        {"source": f"{topic_prefix}/q0/#", "target": "out/q0/{1}", "qos": 0},
-        {"source": f"{topic_prefix}/#", "target": "out/rest/{1}", "name": "rest"},
+        {"source": f"{rig.prefix}/keep/#", "target": "out/keep/{1}", "retain": True},
+        {"source": f"{rig.prefix}/clear/#", "target": "out/clear/{1}", "retain": False},
+        {"source": f"{rig.prefix}/q0/#", "target": "out/q0/{1}", "qos": 0},
+        {"source": f"{rig.prefix}/#", "target": "out/rest/{1}", "name": "rest"},
     ]
-    worker = Worker(tmp_path, bridge_config(source_broker.url, target_broker.url, routes))
-    workers.append(worker.start())
+    worker = Worker(rig.tmp, bridge_config(rig.source.url, rig.target.url, routes))
+    rig.workers.append(worker.start())
     return worker
 
 
-def test_mqtt5_properties_pass_through(
-    source_broker: Mosquitto, target_broker: Mosquitto, v5_worker: Worker, topic_prefix: str
-) -> None:
+def test_mqtt5_properties_pass_through(rig: Rig, v5_worker: Worker) -> None:
     props = _props(
         UserProperty=[("trace", "abc"), ("trace", "def"), ("k", "v")],
         ContentType="application/json",
@@ -87,9 +73,9 @@ def test_mqtt5_properties_pass_through(
         CorrelationData=b"\x00\x01corr",
         MessageExpiryInterval=3600,
     )
-    with Collector(target_broker.url, "out/#") as collector, Publisher(source_broker.url) as pub:
-        pub.publish(f"{topic_prefix}/dev/1", 0, properties=props)
-        pub.publish(f"{topic_prefix}/dev/2", 0)  # no properties at all
+    with Collector(rig.target.url, "out/#") as collector, Publisher(rig.source.url) as pub:
+        pub.publish(f"{rig.prefix}/dev/1", 0, properties=props)
+        pub.publish(f"{rig.prefix}/dev/2", 0)  # no properties at all
         pub.wait_acked()
         wait_until(lambda: collector.count() >= 2, 10, what="2 delivered")
     by_topic = {m.topic: m for m in collector.messages}
@@ -103,17 +89,15 @@ def test_mqtt5_properties_pass_through(
     plain = by_topic["out/rest/dev/2"]
     assert plain.user_properties == [(HOP, "w-0")]
     assert "MessageExpiryInterval" not in plain.properties
-    assert got.payload == f"{topic_prefix}/dev/1|0|".encode()
+    assert got.payload == f"{rig.prefix}/dev/1|0|".encode()
 
 
-def test_retain_kept_or_cleared_per_route_and_qos_downgraded(
-    source_broker: Mosquitto, target_broker: Mosquitto, v5_worker: Worker, topic_prefix: str
-) -> None:
-    with Collector(target_broker.url, "out/#") as live, Publisher(source_broker.url) as pub:
-        pub.publish(f"{topic_prefix}/keep/a", 0, retain=True)
-        pub.publish(f"{topic_prefix}/clear/a", 0, retain=True)
-        pub.publish(f"{topic_prefix}/q0/a", 0, qos=1)
-        pub.publish(f"{topic_prefix}/q0/b", 0, qos=0)
+def test_retain_kept_or_cleared_per_route_and_qos_downgraded(rig: Rig, v5_worker: Worker) -> None:
+    with Collector(rig.target.url, "out/#") as live, Publisher(rig.source.url) as pub:
+        pub.publish(f"{rig.prefix}/keep/a", 0, retain=True)
+        pub.publish(f"{rig.prefix}/clear/a", 0, retain=True)
+        pub.publish(f"{rig.prefix}/q0/a", 0, qos=1)
+        pub.publish(f"{rig.prefix}/q0/b", 0, qos=0)
         pub.wait_acked()
         wait_until(lambda: live.count() >= 4, 10, what="4 delivered")
     qos = {m.topic: m.qos for m in live.messages}
@@ -121,18 +105,18 @@ def test_retain_kept_or_cleared_per_route_and_qos_downgraded(
     assert qos["out/q0/b"] == 0
     assert qos["out/keep/a"] == 1
     # A new subscriber sees only what the target broker retained.
-    with Collector(target_broker.url, "out/#", client_id="late") as late:
+    with Collector(rig.target.url, "out/#", client_id="late") as late:
         time.sleep(1.0)
     assert [m.topic for m in late.messages if m.retain] == ["out/keep/a"]
 
 
 def test_messages_carrying_the_hop_marker_are_dropped_and_counted(
-    source_broker: Mosquitto, target_broker: Mosquitto, v5_worker: Worker, topic_prefix: str
+    rig: Rig, v5_worker: Worker
 ) -> None:
-    with Collector(target_broker.url, "out/#") as collector, Publisher(source_broker.url) as pub:
-        pub.publish(f"{topic_prefix}/x", 0)
-        pub.publish(f"{topic_prefix}/x", 1, properties=_props(UserProperty=[(HOP, "other-bridge")]))
-        pub.publish(f"{topic_prefix}/x", 2)
+    with Collector(rig.target.url, "out/#") as collector, Publisher(rig.source.url) as pub:
+        pub.publish(f"{rig.prefix}/x", 0)
+        pub.publish(f"{rig.prefix}/x", 1, properties=_props(UserProperty=[(HOP, "other-bridge")]))
+        pub.publish(f"{rig.prefix}/x", 2)
         pub.wait_acked()
         wait_until(lambda: collector.count() >= 2, 10, what="2 delivered")
         time.sleep(0.5)

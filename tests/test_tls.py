@@ -25,6 +25,7 @@ from bench.harness import (
 )
 from bridge.config import TlsConfig
 from bridge.mqtt import Endpoint, MqttConnection
+from tests.conftest import Rig
 from tests.test_codec import OPTIONS, Recorder
 
 
@@ -101,19 +102,17 @@ CASES = {
 }
 
 
-def test_mtls_delivers(
-    tmp_path: Path, pki: Pki, source_broker: Mosquitto, workers: list[Worker], topic_prefix: str
-) -> None:
+def test_mtls_delivers(rig: Rig, pki: Pki) -> None:
     tls_port = free_port()
-    with tls_broker(tmp_path, pki, "good", "cloud", tls_port) as cloud:
-        cfg = bridge_config(source_broker.url, "unused", [{"source": f"{topic_prefix}/#"}])
+    with tls_broker(rig.tmp, pki, "good", "cloud", tls_port) as cloud:
+        cfg = bridge_config(rig.source.url, "unused", [{"source": f"{rig.prefix}/#"}])
         cfg["target"] = tls_target(tls_port, pki)
-        workers.append(Worker(tmp_path, cfg).start())
+        rig.workers.append(Worker(rig.tmp, cfg).start())
         with (
-            Collector(cloud.url, f"{topic_prefix}/#") as collector,
-            Publisher(source_broker.url) as pub,
+            Collector(cloud.url, f"{rig.prefix}/#") as collector,
+            Publisher(rig.source.url) as pub,
         ):
-            pub.publish_numbered([f"{topic_prefix}/a", f"{topic_prefix}/b"], 200)
+            pub.publish_numbered([f"{rig.prefix}/a", f"{rig.prefix}/b"], 200)
             pub.wait_acked()
             collector.wait_for(200, 30)
             report = check(pub.acked(), collector.messages)
@@ -122,32 +121,25 @@ def test_mtls_delivers(
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_certificate_is_one_clear_line_and_loses_nothing(
-    tmp_path: Path,
-    pki: Pki,
-    source_broker: Mosquitto,
-    workers: list[Worker],
-    topic_prefix: str,
-    case: str,
-) -> None:
+def test_bad_certificate_is_one_clear_line_and_loses_nothing(rig: Rig, pki: Pki, case: str) -> None:
     server_cert, changes, expected, fix_on_server = CASES[case]
     changes = {k: (str(pki.other_ca) if v == "OTHER" else v) for k, v in changes.items()}
     tls_port = free_port()
-    cloud = tls_broker(tmp_path, pki, server_cert, "cloud", tls_port).start()
+    cloud = tls_broker(rig.tmp, pki, server_cert, "cloud", tls_port).start()
     try:
         cfg = bridge_config(
-            source_broker.url,
+            rig.source.url,
             "unused",
-            [{"source": f"{topic_prefix}/#"}],
+            [{"source": f"{rig.prefix}/#"}],
             instance_id="dtb-0",
             shutdown={"deadline": 2},
         )
         cfg["target"] = tls_target(tls_port, pki, **changes)
-        bad = Worker(tmp_path, cfg, name="bad")
-        workers.append(bad.start(wait_ready=False))
+        bad = Worker(rig.tmp, cfg, name="bad")
+        rig.workers.append(bad.start(wait_ready=False))
         wait_until(lambda: "target.connect_failed" in bad.log_tail(), 15, what="a connect failure")
-        with Publisher(source_broker.url) as pub:
-            pub.publish_numbered([f"{topic_prefix}/a"], 50)
+        with Publisher(rig.source.url) as pub:
+            pub.publish_numbered([f"{rig.prefix}/a"], 50)
             pub.wait_acked()
             acked = pub.acked()
         time.sleep(1.0)
@@ -164,10 +156,10 @@ def test_bad_certificate_is_one_clear_line_and_loses_nothing(
         assert bad.wait(10) == 0
         if fix_on_server:
             cloud.stop()
-            cloud = tls_broker(tmp_path, pki, "good", "cloud", tls_port).start()
+            cloud = tls_broker(rig.tmp, pki, "good", "cloud", tls_port).start()
         cfg["target"] = tls_target(tls_port, pki)
-        with Collector(cloud.url, f"{topic_prefix}/#") as collector:
-            workers.append(Worker(tmp_path, cfg, name="fixed").start())
+        with Collector(cloud.url, f"{rig.prefix}/#") as collector:
+            rig.workers.append(Worker(rig.tmp, cfg, name="fixed").start())
             collector.wait_for(50, 30)
             report = check(acked, collector.messages)
         assert report.lost == 0, report
