@@ -241,6 +241,11 @@ class S3Archive(Service):
         for done in batch.on_durable:
             done()
 
+    def seal_all(self) -> None:
+        """Close the open batches now instead of at their flush interval."""
+        for kind in list(self._open):
+            self._seal(kind)
+
     async def flush(self) -> None:
         """Seal what is open and wait until every batch is in S3."""
         for kind in list(self._open):

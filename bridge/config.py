@@ -149,6 +149,8 @@ class BrokerConfig(Section):
     def _check(self) -> BrokerConfig:
         if self.password_file is not None:
             self._password = SecretStr(self.password_file.read_text().rstrip("\r\n"))
+        if self.password_file is not None and self.username is None and self.protocol == "3.1.1":
+            raise ValueError("password_file needs username with MQTT 3.1.1 (MQTT-3.1.2-22)")
         if self.tls is not None and not self.is_tls:
             # Never a silent plaintext connection when TLS settings were given.
             raise ValueError("tls is set but the url is mqtt://: use mqtts://")

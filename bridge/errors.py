@@ -29,3 +29,7 @@ class ConnectRefused(ConnectionFailed):
 
 class ProtocolViolation(ConnectionFailed):
     """The peer broke the MQTT protocol; the connection is dropped and retried."""
+
+
+class PacketTooLarge(BridgeError):
+    """A message the target announced it cannot take: dead-letter it, do not retry."""

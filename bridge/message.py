@@ -42,3 +42,5 @@ class Envelope:
     received_epoch: float
     # Times the target dropped the connection while this message was alone in flight.
     drops: int = 0
+    seq: int = 0  # submission order on its target connection: requeues keep it
+    sent_at: float = 0.0  # event-loop time of the last PUBLISH of it

@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import struct
 from dataclasses import dataclass
 from typing import Protocol, cast
 
+import structlog
+
 from bridge import mqtt_codec as codec
-from bridge.errors import ConnectionFailed, ConnectRefused, ProtocolViolation
+from bridge.errors import ConnectionFailed, ConnectRefused, PacketTooLarge, ProtocolViolation
 from bridge.mqtt_codec import Properties, Publish
 
 
@@ -89,6 +92,10 @@ class MqttConnection(asyncio.Protocol):
         self.disconnect_reason: int | None = None
         self._closing_error: ConnectionFailed | None = None
         self._keepalive = options.keepalive
+        self._connected = False
+        self._stopped = False
+        self.max_qos = 1
+        self.retain_available = True
 
     # ---- lifecycle -------------------------------------------------------------
 
@@ -144,6 +151,10 @@ class MqttConnection(asyncio.Protocol):
             raise ConnectRefused(code, codec.reason_name(code, opts.protocol, connack=True))
         self.session_present = ack.session_present
         self.server_properties = ack.properties or {}
+        self._connected = True
+        # What the server says it cannot take (MQTT 5 CONNACK): respected on publish.
+        self.max_qos = int(self.server_properties.get(codec.MAXIMUM_QOS, 1))
+        self.retain_available = bool(self.server_properties.get(codec.RETAIN_AVAILABLE, 1))
         server_keepalive = self.server_properties.get(codec.SERVER_KEEP_ALIVE)
         self._keepalive = server_keepalive if server_keepalive is not None else opts.keepalive
         if self._keepalive:
@@ -153,7 +164,12 @@ class MqttConnection(asyncio.Protocol):
 
     @property
     def is_open(self) -> bool:
-        return not self._closed.done()
+        return self._connected and not self._closed.done()
+
+    @property
+    def closed_by_us(self) -> bool:
+        """We ended it (keepalive timeout, protocol violation, internal error)."""
+        return self._closing_error is not None
 
     @property
     def server_receive_maximum(self) -> int:
@@ -194,11 +210,23 @@ class MqttConnection(asyncio.Protocol):
         retain: bool,
         properties: Properties | None = None,
     ) -> int:
-        """Queue a PUBLISH; returns its packet id (0 for QoS 0). PUBACK comes via the listener."""
-        packet_id = self._allocate_packet_id() if qos else 0
-        self._send(
-            codec.encode_publish(topic, payload, qos, retain, packet_id, self.protocol, properties)
+        """Queue a PUBLISH; returns its packet id (0 for QoS 0). PUBACK comes via the listener.
+
+        Raises PacketTooLarge, before anything is sent, when the server announced a
+        smaller Maximum Packet Size (sending it would be a protocol error).
+        """
+        qos = min(qos, self.max_qos)
+        retain = retain and self.retain_available
+        packet_id = self._next_free_packet_id() if qos else 0
+        packet = codec.encode_publish(
+            topic, payload, qos, retain, packet_id, self.protocol, properties
         )
+        limit = self.server_maximum_packet_size
+        if limit is not None and len(packet) > limit:
+            raise PacketTooLarge(f"packet_too_large: {len(packet)} bytes > the target's {limit}")
+        if packet_id:
+            self._unacked.add(packet_id)
+        self._send(packet)
         return packet_id
 
     def puback(self, packet_id: int) -> None:
@@ -220,18 +248,33 @@ class MqttConnection(asyncio.Protocol):
 
     def resume(self) -> None:
         """Offer the held message again and continue reading (after ``on_message`` said no)."""
-        if self._held is not None:
+        if self._held is not None and not self._stopped:
             self._loop.call_soon(self._resume_now)
+
+    def stop_reading(self) -> None:
+        """Take no more messages: bytes that arrive stay unread (the broker keeps them)."""
+        self._stopped = True
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.pause_reading()
+
+    @property
+    def has_unread(self) -> bool:
+        """Messages received but not processed (held, or bytes not yet parsed)."""
+        return self._held is not None or bool(self._rbuf)
 
     # ---- internals ---------------------------------------------------------------
 
-    def _allocate_packet_id(self) -> int:
+    def _next_free_packet_id(self) -> int:
         for _ in range(65535):
             self._next_pid = self._next_pid % 65535 + 1
             if self._next_pid not in self._unacked and self._next_pid not in self._waiters:
-                self._unacked.add(self._next_pid)
                 return self._next_pid
         raise ProtocolViolation("all 65535 packet identifiers are in use")
+
+    def _allocate_packet_id(self) -> int:
+        packet_id = self._next_free_packet_id()
+        self._unacked.add(packet_id)
+        return packet_id
 
     async def _request(self, packet_id: int, packet: bytes, timeout: float) -> codec.Ack:
         self._unacked.discard(packet_id)
@@ -280,11 +323,13 @@ class MqttConnection(asyncio.Protocol):
 
     def _resume_now(self) -> None:
         held = self._held
-        if held is None or self._closed.done():
+        if held is None or self._closed.done() or self._stopped:
             return
         if not self._listener.on_message(self, held):
             return
         self._held = None
+        # Reading was paused, so silence meant nothing: restart the keepalive clock.
+        self._last_rx = self._loop.time()
         self._parse()
         if self._held is None and self._transport is not None:
             self._transport.resume_reading()
@@ -301,8 +346,16 @@ class MqttConnection(asyncio.Protocol):
                 body = bytes(memoryview(buf)[start:end])
                 pos = end
                 self._dispatch(first, body)
-        except codec.MalformedPacket as exc:
+        except (codec.MalformedPacket, IndexError, struct.error) as exc:
             self._closing_error = ProtocolViolation(f"malformed packet from the broker: {exc}")
+            self.abort()
+        except Exception as exc:
+            # A bug of ours must not vanish into asyncio's handler: say so and drop the
+            # connection; what was not acknowledged comes back from the broker.
+            structlog.get_logger().exception(
+                "mqtt.internal_error", client_id=self.options.client_id
+            )
+            self._closing_error = ConnectionFailed(f"internal error: {exc!r}")
             self.abort()
         finally:
             if pos:
@@ -352,7 +405,7 @@ class MqttConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self._last_rx = self._loop.time()
         self._rbuf += data
-        if self._held is None:
+        if self._held is None and not self._stopped:
             self._parse()
 
     def pause_writing(self) -> None:

@@ -156,6 +156,13 @@ def _read_str(buf: bytes, pos: int) -> tuple[str, int]:
 
 
 def decode_properties(buf: bytes, pos: int) -> tuple[Properties | None, int]:
+    try:
+        return _decode_properties(buf, pos)
+    except (IndexError, struct.error) as exc:
+        raise MalformedPacket(f"property list cut short ({exc})") from None
+
+
+def _decode_properties(buf: bytes, pos: int) -> tuple[Properties | None, int]:
     decoded = decode_varint(buf, pos)
     if decoded is None:
         raise MalformedPacket("packet ends inside the property length")
@@ -269,8 +276,12 @@ def encode_subscribe(
         body += b"\x00"
     for topic_filter, qos in filters:
         options = qos
-        if protocol == PROTOCOL_5 and retain_as_published:
-            options |= 0x08
+        if protocol == PROTOCOL_5:
+            # Retain Handling 1: retained messages only for a new subscription, not again
+            # on every reconnect (a BTD would re-send old commands to devices).
+            options |= 0x10
+            if retain_as_published:
+                options |= 0x08
         body += _utf8(topic_filter) + bytes((options,))
     return _packet((SUBSCRIBE << 4) | 0x02, body)
 

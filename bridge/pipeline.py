@@ -33,6 +33,8 @@ from bridge.pool import (
     EXPIRED,
     POISON,
     POISON_DROPS,
+    TOO_LARGE,
+    UNENCODABLE,
     OnDone,
     Pacing,
     TargetLink,
@@ -111,11 +113,15 @@ class Bridge:
         self.dead_letters: DeadLetterSink = dead_letters or (
             ArchiveDeadLetters(self.archive, self._record) if self.archive else LogDeadLetters()
         )
+        if self.archive is None and dead_letters is None:
+            self.log.warning(
+                "dead_letters.not_durable",
+                note="no backup.s3: dead letters are logged (without payload) and counted only",
+            )
         self._target_v5 = cfg.target.protocol == "5"
         self._marker = (HOP_MARKER, cfg.instance_id)
         self._loop = asyncio.get_running_loop()
         self.topic_limits = cfg.target.limits.topic_limits()
-        self._check_limits = self.topic_limits.active
         self.source = self._make_source(cfg)
         self.pool = self._make_pool(cfg)
         self._http: HttpServer | None = None
@@ -184,11 +190,10 @@ class Bridge:
             return True
         matched, target_topic = found
         env = self._envelope(msg, pending, target_topic, props, matched.qos, matched)
-        if self._check_limits:
-            problem = self.topic_limits.violation(env.topic, size)
-            if problem is not None:
-                self._dead_letter(env, problem, problem.split(":", 1)[0])
-                return True
+        problem = self.topic_limits.violation(env.topic, size)
+        if problem is not None:
+            self._dead_letter(env, problem, problem.split(":", 1)[0])
+            return True
         archive = self.archive
         if archive is not None:
             if archive.required:
@@ -278,6 +283,12 @@ class Bridge:
         elif outcome == POISON:
             reason = f"target dropped the connection {POISON_DROPS} times on this message"
             self._dead_letter(env, reason, "connection_dropped")
+        elif outcome == TOO_LARGE:
+            self._dead_letter(
+                env, "larger than the target's Maximum Packet Size", "packet_too_large"
+            )
+        elif outcome == UNENCODABLE:
+            self._dead_letter(env, "cannot be encoded as an MQTT packet", "unencodable")
         else:
             self._dead_letter(
                 env,
@@ -369,6 +380,9 @@ class Bridge:
                 while True:
                     now = self._loop.time()
                     quiet = now - max(self.source.last_received, started) >= cfg.quiet
+                    if quiet and self.archive is not None:
+                        # `required` holds wait for their objects: write them now.
+                        self.archive.seal_all()
                     if self.flow.messages == 0 and quiet:
                         drained = True
                         break
@@ -384,10 +398,14 @@ class Bridge:
                 bytes=self.archive.buffered,
                 note="the deadline passed before these records reached S3",
             )
+        await asyncio.shield(self.pool.close())
+        # Decide at the last moment, with reading stopped: a message that came in after
+        # the drain (a reconnect, a late queue flush) must keep the session alive.
+        self.source.stop_reading()
         left = self.flow.messages
+        drained = drained and left == 0 and not self.source.has_unread
         # A drained MQTT 5 session is empty: tell the broker to drop it (expiry 0).
         # Otherwise keep it, so the unfinished messages wait for this instance_id.
-        await asyncio.shield(self.pool.close())
         expiry = 0 if drained and self.cfg.source.protocol == "5" else None
         await asyncio.shield(self.source.close(expiry))
         elapsed = round(self._loop.time() - started, 3)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import math
 import random
+import struct
 import zlib
 from collections import Counter, deque
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 import structlog
 
 from bridge import mqtt_codec as codec
-from bridge.errors import ConnectionFailed
+from bridge.errors import ConnectionFailed, PacketTooLarge
 from bridge.message import Envelope
 from bridge.mqtt import Endpoint, MqttConnection, SessionOptions
 from bridge.mqtt_codec import Publish
@@ -30,6 +31,8 @@ from bridge.service import Backoff, Service
 DELIVERED = 0
 EXPIRED = -1
 POISON = -2
+TOO_LARGE = -3  # over the Maximum Packet Size the target announced
+UNENCODABLE = -4  # cannot be an MQTT packet at all (e.g. a topic over 65535 bytes)
 # Any positive outcome is the target's rejecting reason code (>= 0x80).
 
 # A message alone in flight this many times when the target dropped the connection is
@@ -39,6 +42,11 @@ POISON_DROPS = 3
 QUOTA_EXCEEDED = 0x97
 SESSION_TAKEN_OVER = 0x8E
 RECEIVE_MAXIMUM_EXCEEDED = 0x93
+# Disconnects that can be about the message just sent. Throttling (0x97), takeover
+# (0x8E), shutdown (0x8B) and the like are the server's business, not the message's.
+MESSAGE_FAULTS = frozenset({None, 0x80, 0x81, 0x82, 0x83, 0x87, 0x90, 0x95, 0x99, 0x9A, 0x9B})
+# A drop this long after the probe was sent is not its answer.
+PROBE_ANSWER_WITHIN = 5.0
 
 OnDone = Callable[[Envelope, int], None]
 
@@ -94,6 +102,7 @@ class TargetLink:
         )
         self._timer: asyncio.TimerHandle | None = None
         self._last_connect = -math.inf
+        self._seq = 0
         self._log = structlog.get_logger().bind(side="target", connection=index)
 
     @property
@@ -106,9 +115,15 @@ class TargetLink:
         return self._messages.rate if self._messages is not None else 0.0
 
     def submit(self, env: Envelope) -> None:
+        env.seq = self._seq
+        self._seq += 1
         self.queue.append(env)
         if len(self.queue) == 1:
             self._pump()
+
+    def _requeue(self, envs: list[Envelope]) -> None:
+        """Put envelopes back where they were: submission order holds through retries."""
+        self.queue = deque(sorted([*envs, *self.queue], key=lambda e: e.seq))
 
     def _pump(self) -> None:
         conn = self.conn
@@ -144,7 +159,15 @@ class TargetLink:
                     continue
                 props = dict(props or {})
                 props[codec.MESSAGE_EXPIRY] = remaining
-            packet_id = conn.publish(env.topic, env.payload, env.qos, env.retain, props)
+            try:
+                packet_id = conn.publish(env.topic, env.payload, env.qos, env.retain, props)
+            except PacketTooLarge:
+                on_done(env, TOO_LARGE)
+                continue
+            except (struct.error, ValueError, OverflowError):
+                on_done(env, UNENCODABLE)
+                continue
+            env.sent_at = now
             if packet_id:
                 inflight[packet_id] = env
             else:
@@ -190,7 +213,7 @@ class TargetLink:
             # Not the message's fault: slow this connection down and send it again.
             self.throttled["quota_exceeded"] += 1
             self._apply_throttle(now)
-            self.queue.appendleft(env)
+            self._requeue([env])
             self._log.warning(
                 "target.throttled",
                 reason="quota exceeded (0x97)",
@@ -233,11 +256,16 @@ class TargetLink:
             self.throttled["disconnect_quota_exceeded"] += 1
             self._apply_throttle(self._loop.time())
         if self.inflight:
-            if self._probing and len(self.inflight) == 1:
-                next(iter(self.inflight.values())).drops += 1
+            if self._probing and len(self.inflight) == 1 and reason in MESSAGE_FAULTS:
+                probe = next(iter(self.inflight.values()))
+                if (
+                    self._loop.time() - probe.sent_at < PROBE_ANSWER_WITHIN
+                    and not conn.closed_by_us
+                ):
+                    probe.drops += 1
             self._probing = True
-        # In-flight messages go back to the head of the queue in their original order.
-        self.queue.extendleft(reversed(self.inflight.values()))
+        # In-flight messages go back into the queue in their original order.
+        self._requeue(list(self.inflight.values()))
         self.inflight.clear()
         if not self._closing:
             self._log.warning(
@@ -263,6 +291,10 @@ class TargetLink:
             self.conn = conn
             self._writable = True
             self.window = min(self.max_window, conn.server_receive_maximum)
+            if self._messages is None and self._throttle.events:
+                # Unpaced links throttle through the window: keep that across reconnects.
+                factor = self._throttle.factor(self._loop.time())
+                self.window = max(1, math.ceil(self.window * factor))
             self._log.info(
                 "target.connected",
                 endpoint=str(self.endpoint),

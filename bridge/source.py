@@ -22,6 +22,7 @@ from bridge.service import Backoff, Service
 from bridge.stats import Stats
 
 Handler = Callable[[AckQueue, Publish], bool]
+SESSION_TAKEN_OVER = 0x8E
 
 
 def plan_subscriptions(
@@ -87,6 +88,8 @@ class SourceLink:
                     client_id=self.options.client_id,
                     session_present=conn.session_present,
                 )
+                if self._leaving:
+                    return  # told to leave while connecting: take nothing new
                 await self._subscribe(conn)
             except ConnectionFailed as exc:
                 conn.abort()
@@ -94,11 +97,12 @@ class SourceLink:
                 self._log.warning("source.connect_failed", error=str(exc), retry_in=round(delay, 2))
                 await asyncio.sleep(delay)
                 continue
-            backoff.reset()
             await conn.wait_closed()
             if self._leaving:
                 return
             self.reconnects += 1
+            if conn.disconnect_reason != SESSION_TAKEN_OVER:
+                backoff.reset()  # a takeover keeps growing the delay: two owners must not ping-pong
             await asyncio.sleep(backoff.next_delay())
 
     async def _subscribe(self, conn: MqttConnection) -> None:
@@ -145,7 +149,7 @@ class SourceLink:
         if self._acks is not None:
             self._acks.detach()
         was_subscribed, self.subscribed = self.subscribed, False
-        if conn.disconnect_reason == 0x8E:
+        if conn.disconnect_reason == SESSION_TAKEN_OVER:
             self._log.error(
                 "source.session_taken_over",
                 client_id=self.options.client_id,
@@ -155,6 +159,18 @@ class SourceLink:
             self._log.warning("source.disconnected", reason=str(exc) if exc else "closed")
 
     # ---- graceful leave ------------------------------------------------------------
+
+    def stop_taking(self) -> None:
+        """From now on, no reconnect and no new subscription."""
+        self._leaving = True
+
+    def stop_reading(self) -> None:
+        if self._conn is not None:
+            self._conn.stop_reading()
+
+    @property
+    def has_unread(self) -> bool:
+        return self._conn is not None and self._conn.has_unread
 
     async def unsubscribe(self) -> None:
         """Stop taking new messages; what the broker already queued for us still comes."""
@@ -203,7 +219,17 @@ class Source(Service):
         return max(link.last_received for link in self.links)
 
     async def unsubscribe(self) -> None:
+        for link in self.links:
+            link.stop_taking()
         await asyncio.gather(*(link.unsubscribe() for link in self.links))
+
+    def stop_reading(self) -> None:
+        for link in self.links:
+            link.stop_reading()
+
+    @property
+    def has_unread(self) -> bool:
+        return any(link.has_unread for link in self.links)
 
     async def close(self, session_expiry: int | None) -> None:
         self._unwatch()

@@ -221,3 +221,21 @@ def test_deploy_examples_pass_check(tmp_path: Path, capsys: pytest.CaptureFixtur
         (tmp_path / name).write_text(text)
         copies.append(str(tmp_path / name))
     assert main(["check", "-q", "--config", *copies]) == 0, capsys.readouterr().err
+
+
+def test_throttling_disconnects_do_not_dead_letter_messages(rig: Rig) -> None:
+    # DISCONNECT 0x97 (quota exceeded) four times in a row is the server's business:
+    # the message in flight each time is not a poison message.
+    def decide(n: int, topic: str, payload: bytes) -> int | tuple[str, int]:
+        return ("disconnect", 0x97) if n < 4 else 0
+
+    with FakeTarget(decide) as fake:
+        worker = rig.worker([{"source": f"{rig.prefix}/#"}], target_url=fake.url)
+        with Publisher(rig.source.url) as pub:
+            pub.publish_numbered([f"{rig.prefix}/a"], 20)
+            pub.wait_acked()
+        wait_until(lambda: len({p for _, p in fake.accepted}) >= 20, 60, what="all accepted")
+        m = worker.metrics()
+    assert m["dead_lettered"] == 0
+    assert m["acknowledged"] == 20
+    assert m["throttled{connection=0,reason=disconnect_quota_exceeded}"] == 4

@@ -228,3 +228,16 @@ async def test_silent_broker_times_out_connect() -> None:
         conn = MqttConnection(OPTIONS, Recorder())
         with pytest.raises(ConnectionFailed, match="no CONNACK"):
             await conn.connect(Endpoint("127.0.0.1", port), timeout=0.3)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"\x00\x01\x00\x01\x01",  # PUBACK: property length 1, no property
+        b"\x00\x01\x00\x04\x02\x00\x00",  # message expiry cut short
+        b"\x00\x01\x00\x03\x26\x00\x05",  # user property cut short
+    ],
+)
+def test_truncated_properties_are_malformed_not_a_crash(body: bytes) -> None:
+    with pytest.raises(codec.MalformedPacket):
+        codec.decode_ack(codec.PUBACK, body, codec.PROTOCOL_5)

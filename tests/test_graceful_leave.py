@@ -5,7 +5,7 @@ from __future__ import annotations
 import signal
 import time
 
-from bench.harness import Collector, Publisher, Worker, bridge_config, check, wait_until
+from bench.harness import Collector, Publisher, Worker, bridge_config, check, free_port, wait_until
 from tests.conftest import Rig
 
 
@@ -81,3 +81,36 @@ def test_second_signal_exits_at_once(rig: Rig) -> None:
     assert code != 0
     assert time.monotonic() - started < 2
     assert "bridge.forced_exit" in worker.log_tail()
+
+
+def test_leave_while_the_source_reconnects_never_drops_the_session_with_messages(
+    rig: Rig,
+) -> None:
+    # The leave is kept busy by an unreachable S3 (best effort: the flush waits until the
+    # deadline). Meanwhile the source broker comes back with 20 messages queued for our
+    # session. Leaving must not resubscribe and take them, nor end the session with
+    # expiry 0: they must wait for the next start of this instance_id.
+    dead_s3 = f"http://127.0.0.1:{free_port()}"
+    backup = {"s3": {"bucket": "b-1", "endpoint_url": dead_s3, "region": "us-east-1"}}
+    routes = [{"source": f"{rig.prefix}/#"}]
+    worker = rig.worker(routes, instance_id="leaver", backup=backup, shutdown={"deadline": 6})
+    with Publisher(rig.source.url) as pub:
+        pub.publish(f"{rig.prefix}/first", 0)  # something for the archive to flush
+        pub.wait_acked()
+    wait_until(lambda: worker.metrics()["acknowledged"] == 1, 10, what="the first message")
+    rig.target.stop()
+    rig.source.stop()
+    worker.signal(signal.SIGTERM)
+    time.sleep(0.5)
+    rig.source.start()  # same port, sessions restored from persistence
+    with Publisher(rig.source.url) as pub:
+        pub.publish_numbered([f"{rig.prefix}/late"], 20)
+        pub.wait_acked()
+        acked = pub.acked()
+    assert worker.wait(15) == 0
+    rig.target.start()
+    with Collector(rig.target.url, f"{rig.prefix}/#") as collector:
+        rig.worker(routes, instance_id="leaver", name="leaver-again")
+        collector.wait_for(20, 30)
+        report = check(acked, collector.messages)
+    assert report.lost == 0, report
