@@ -19,6 +19,12 @@ mosquitto:
 demo: $(STAMP) mosquitto
 	$(PY) -m bench.demo
 
+## bench: no bridge vs Mosquitto's bridge vs ours (1 and 2 workers): msg/s, latency, CPU,
+## RSS, lost/dup, and a 1M-message target-down memory run; ~7 min. BENCH_ARGS=--quick: ~2 min.
+bench: $(STAMP) mosquitto
+	@$(PY) -c 'import matplotlib, psutil' 2>/dev/null || $(PY) -m pip install --quiet -e '.[bench]'
+	$(PY) -m bench.run $(BENCH_ARGS)
+
 ## test: lint, type check, then every test (real Mosquitto processes on free ports)
 test: lint $(STAMP) mosquitto
 	$(PY) -m pytest

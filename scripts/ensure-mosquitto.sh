@@ -2,7 +2,9 @@
 # Make sure the `mosquitto` broker binary (and its C clients) exist; install them with
 # apt-get when we can, otherwise say in one line exactly what to install.
 set -euo pipefail
-if command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ]; then
+# The broker for the tests; its C clients (mosquitto_pub/sub) for the benchmark.
+if { command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ]; } \
+    && command -v mosquitto_pub >/dev/null 2>&1 && command -v mosquitto_sub >/dev/null 2>&1; then
     exit 0
 fi
 install="apt-get install -y --no-install-recommends mosquitto mosquitto-clients"
