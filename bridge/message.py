@@ -33,7 +33,7 @@ class Envelope:
     payload: bytes  # exactly the bytes the source sent
     qos: int  # target QoS
     retain: bool
-    properties: Properties | None
+    properties: Properties | bytes | None  # bytes: already encoded (the hop marker alone)
     received_at: float  # event-loop time
     expires_at: float | None  # event-loop time, from the message expiry interval
     route: int

@@ -208,7 +208,7 @@ class MqttConnection(asyncio.Protocol):
         payload: bytes,
         qos: int,
         retain: bool,
-        properties: Properties | None = None,
+        properties: Properties | bytes | None = None,
     ) -> int:
         """Queue a PUBLISH; returns its packet id (0 for QoS 0). PUBACK comes via the listener.
 
@@ -301,10 +301,9 @@ class MqttConnection(asyncio.Protocol):
     def _flush(self) -> None:
         self._flush_scheduled = False
         if self._wbuf and self._transport is not None and not self._transport.is_closing():
-            data = self._wbuf[0] if len(self._wbuf) == 1 else b"".join(self._wbuf)
-            self._transport.write(data)
+            self._transport.writelines(self._wbuf)  # one vectored write for the iteration
             self._last_tx = self._loop.time()
-        self._wbuf.clear()
+        self._wbuf = []
 
     def _keepalive_tick(self) -> None:
         if self._closed.done():
@@ -336,16 +335,27 @@ class MqttConnection(asyncio.Protocol):
 
     def _parse(self) -> None:
         buf = self._rbuf
+        size = len(buf)
         pos = 0
         try:
-            while self._held is None:
-                found = codec.split_packet(buf, pos)
-                if found is None:
+            while self._held is None and size - pos >= 2:
+                first = buf[pos]
+                length = buf[pos + 1]
+                if length < 128:  # one-byte remaining length: most packets
+                    start = pos + 2
+                else:
+                    found = codec.decode_varint(buf, pos + 1)
+                    if found is None:
+                        break
+                    length, start = found
+                end = start + length
+                if end > size:
                     break
-                first, start, end = found
-                body = bytes(memoryview(buf)[start:end])
                 pos = end
-                self._dispatch(first, body)
+                if first >> 4 == codec.PUBLISH:
+                    self._on_publish(codec.decode_publish_at(buf, first, start, end, self.protocol))
+                else:
+                    self._dispatch(first, bytes(buf[start:end]))
         except (codec.MalformedPacket, IndexError, struct.error) as exc:
             self._closing_error = ProtocolViolation(f"malformed packet from the broker: {exc}")
             self.abort()
@@ -361,17 +371,16 @@ class MqttConnection(asyncio.Protocol):
             if pos:
                 del buf[:pos]
 
+    def _on_publish(self, msg: Publish) -> None:
+        if msg.qos == 2:
+            raise codec.MalformedPacket("QoS 2 PUBLISH on a subscription granted QoS <= 1")
+        if not self._listener.on_message(self, msg):
+            self._held = msg
+            if self._transport is not None:
+                self._transport.pause_reading()
+
     def _dispatch(self, first: int, body: bytes) -> None:
         kind = first >> 4
-        if kind == codec.PUBLISH:
-            msg = codec.decode_publish(first, body, self.protocol)
-            if msg.qos == 2:
-                raise codec.MalformedPacket("QoS 2 PUBLISH on a subscription granted QoS <= 1")
-            if not self._listener.on_message(self, msg):
-                self._held = msg
-                if self._transport is not None:
-                    self._transport.pause_reading()
-            return
         if kind == codec.PUBACK:
             ack = codec.decode_ack(kind, body, self.protocol)
             self._unacked.discard(ack.packet_id)
@@ -401,6 +410,11 @@ class MqttConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self._transport = cast(asyncio.Transport, transport)
+
+    @property
+    def last_rx(self) -> float:
+        """Event-loop time of the last bytes from the broker."""
+        return self._last_rx
 
     def data_received(self, data: bytes) -> None:
         self._last_rx = self._loop.time()

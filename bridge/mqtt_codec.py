@@ -64,6 +64,7 @@ _REPEATABLE = frozenset({USER_PROPERTY, SUBSCRIPTION_ID})
 Properties = dict[int, Any]
 
 _U16 = struct.Struct("!H")
+_SMALL_VARINTS = [bytes((i,)) for i in range(128)]
 _U32 = struct.Struct("!I")
 
 
@@ -72,6 +73,8 @@ class MalformedPacket(ValueError):
 
 
 def encode_varint(value: int) -> bytes:
+    if value < 128:
+        return _SMALL_VARINTS[value]
     out = bytearray()
     while True:
         byte = value & 0x7F
@@ -248,16 +251,21 @@ def encode_publish(
     retain: bool,
     packet_id: int,
     protocol: int,
-    properties: Properties | None = None,
+    properties: Properties | bytes | None = None,
     dup: bool = False,
 ) -> bytes:
+    """``properties`` may be already encoded (length prefix included): the hot path
+    reuses one encoded block for every message that carries only the hop marker."""
     first = (PUBLISH << 4) | (dup << 3) | (qos << 1) | retain
-    head = _U16.pack(len(topic)) + topic
+    parts = [b"", _U16.pack(len(topic)), topic]
     if qos:
-        head += _U16.pack(packet_id)
+        parts.append(_U16.pack(packet_id))
     if protocol == PROTOCOL_5:
-        head += encode_properties(properties)
-    return bytes((first,)) + encode_varint(len(head) + len(payload)) + head + payload
+        parts.append(properties if isinstance(properties, bytes) else encode_properties(properties))
+    parts.append(payload)
+    length = sum(map(len, parts))
+    parts[0] = bytes((first,)) + encode_varint(length)
+    return b"".join(parts)
 
 
 def encode_puback(packet_id: int) -> bytes:
@@ -355,6 +363,40 @@ def decode_publish(first: int, body: bytes, protocol: int) -> Publish:
     if protocol == PROTOCOL_5:
         props, pos = decode_properties(body, pos)
     return Publish(topic, body[pos:], qos, bool(first & 0x01), bool(first & 0x08), packet_id, props)
+
+
+def decode_publish_at(buf: bytearray, first: int, start: int, end: int, protocol: int) -> Publish:
+    """Decode a PUBLISH in place, copying only the topic, the payload and any properties."""
+    qos = (first >> 1) & 0x03
+    if qos == 3:
+        raise MalformedPacket("PUBLISH with QoS 3")
+    if end - start < 2:
+        raise MalformedPacket("PUBLISH too short")
+    topic_end = start + 2 + ((buf[start] << 8) | buf[start + 1])
+    if topic_end > end:
+        raise MalformedPacket("packet ends inside the topic")
+    try:
+        topic = buf[start + 2 : topic_end].decode()
+    except UnicodeDecodeError as exc:
+        raise MalformedPacket("topic is not valid UTF-8") from exc
+    pos = topic_end
+    packet_id = 0
+    if qos:
+        if pos + 2 > end:
+            raise MalformedPacket("packet ends inside the packet identifier")
+        packet_id = (buf[pos] << 8) | buf[pos + 1]
+        pos += 2
+    props = None
+    if protocol == PROTOCOL_5:
+        if pos < end and buf[pos] == 0:
+            pos += 1  # the common case: no properties
+        else:
+            region = bytes(buf[pos:end])
+            props, used = decode_properties(region, 0)
+            pos += used
+    return Publish(
+        topic, bytes(buf[pos:end]), qos, bool(first & 0x01), bool(first & 0x08), packet_id, props
+    )
 
 
 def decode_ack(kind: int, body: bytes, protocol: int) -> Ack:

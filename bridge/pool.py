@@ -103,6 +103,7 @@ class TargetLink:
         self._timer: asyncio.TimerHandle | None = None
         self._last_connect = -math.inf
         self._seq = 0
+        self._pump_scheduled = False
         self._log = structlog.get_logger().bind(side="target", connection=index)
 
     @property
@@ -118,8 +119,14 @@ class TargetLink:
         env.seq = self._seq
         self._seq += 1
         self.queue.append(env)
-        if len(self.queue) == 1:
-            self._pump()
+        if not self._pump_scheduled:
+            # One pump per loop iteration for everything one read brought in.
+            self._pump_scheduled = True
+            self._loop.call_soon(self._scheduled_pump)
+
+    def _scheduled_pump(self) -> None:
+        self._pump_scheduled = False
+        self._pump()
 
     def _requeue(self, envs: list[Envelope]) -> None:
         """Put envelopes back where they were: submission order holds through retries."""
@@ -157,7 +164,8 @@ class TargetLink:
                 if remaining <= 0:
                     on_done(env, EXPIRED)
                     continue
-                props = dict(props or {})
+                # An expiry only comes with a properties dict, never the encoded marker.
+                props = dict(props) if isinstance(props, dict) else {}
                 props[codec.MESSAGE_EXPIRY] = remaining
             try:
                 packet_id = conn.publish(env.topic, env.payload, env.qos, env.retain, props)

@@ -134,7 +134,7 @@ class SourceLink:
         acks = self._acks
         if conn is not self._conn or acks is None:
             return True
-        self.last_received = asyncio.get_running_loop().time()
+        self.last_received = conn.last_rx
         return self._handler(acks, msg)
 
     def on_puback(self, conn: MqttConnection, packet_id: int, reason_code: int) -> None:
