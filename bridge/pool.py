@@ -103,7 +103,6 @@ class TargetLink:
         self._timer: asyncio.TimerHandle | None = None
         self._last_connect = -math.inf
         self._seq = 0
-        self._pump_scheduled = False
         self._log = structlog.get_logger().bind(side="target", connection=index)
 
     @property
@@ -119,14 +118,11 @@ class TargetLink:
         env.seq = self._seq
         self._seq += 1
         self.queue.append(env)
-        if not self._pump_scheduled:
-            # One pump per loop iteration for everything one read brought in.
-            self._pump_scheduled = True
-            self._loop.call_soon(self._scheduled_pump)
-
-    def _scheduled_pump(self) -> None:
-        self._pump_scheduled = False
-        self._pump()
+        if len(self.queue) == 1:
+            # Publish at once: a QoS 0 message then finishes within the read that brought
+            # it, so its flow slot is free for the next one (deferring the pump to the
+            # next loop iteration made one big read overflow the bound: measured).
+            self._pump()
 
     def _requeue(self, envs: list[Envelope]) -> None:
         """Put envelopes back where they were: submission order holds through retries."""
