@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import Any
 
 import structlog
 
@@ -30,10 +31,10 @@ class HttpServer(Service):
         self.port = self._server.sockets[0].getsockname()[1]
         structlog.get_logger().info("http.listening", host=self.host, port=self.port)
 
-    async def close(self) -> None:
+    async def __aexit__(self, *exc_info: Any) -> bool | None:
         if self._server is not None:
             self._server.close()
-            await self._server.wait_closed()
+        return await super().__aexit__(*exc_info)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

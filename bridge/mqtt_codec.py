@@ -351,21 +351,12 @@ def split_packet(buf: bytearray, pos: int) -> tuple[int, int, int] | None:
 
 
 def decode_publish(first: int, body: bytes, protocol: int) -> Publish:
-    qos = (first >> 1) & 0x03
-    if qos == 3:
-        raise MalformedPacket("PUBLISH with QoS 3")
-    topic, pos = _read_str(body, 0)
-    packet_id = 0
-    if qos:
-        packet_id = _read_u16(body, pos)
-        pos += 2
-    props = None
-    if protocol == PROTOCOL_5:
-        props, pos = decode_properties(body, pos)
-    return Publish(topic, body[pos:], qos, bool(first & 0x01), bool(first & 0x08), packet_id, props)
+    return decode_publish_at(body, first, 0, len(body), protocol)
 
 
-def decode_publish_at(buf: bytearray, first: int, start: int, end: int, protocol: int) -> Publish:
+def decode_publish_at(
+    buf: bytes | bytearray, first: int, start: int, end: int, protocol: int
+) -> Publish:
     """Decode a PUBLISH in place, copying only the topic, the payload and any properties."""
     qos = (first >> 1) & 0x03
     if qos == 3:
@@ -424,6 +415,10 @@ def decode_ack(kind: int, body: bytes, protocol: int) -> Ack:
     # SUBACK lists one code per filter; UNSUBACK in 3.1.1 has none (success).
     return Ack(kind, packet_id, list(body[pos:]), props)
 
+
+SESSION_TAKEN_OVER = 0x8E
+# Logged with every takeover: the usual cause at 3 a.m.
+TAKEOVER_HINT = "another connection uses this client id: do two workers share an instance_id?"
 
 REASON_NAMES: dict[int, str] = {
     0x00: "success", 0x04: "disconnect with will", 0x10: "no matching subscribers",

@@ -124,8 +124,7 @@ class Bridge:
         self._loop = asyncio.get_running_loop()
         self.topic_limits = cfg.target.limits.topic_limits()
         self.source = self._make_source(cfg)
-        self.pool = self._make_pool(cfg)
-        self._http: HttpServer | None = None
+        self.pool = make_pool(cfg, self._on_done)
         self.watchdog = Watchdog()
         self._stack = contextlib.AsyncExitStack()
 
@@ -161,9 +160,6 @@ class Bridge:
             for i, subscriptions in enumerate(plan)
         ]
         return Source(links, self.flow)
-
-    def _make_pool(self, cfg: BridgeConfig) -> TargetPool:
-        return make_pool(cfg, self._on_done)
 
     # ---- hot path ------------------------------------------------------------------
 
@@ -322,7 +318,7 @@ class Bridge:
                 loop_lag=lambda: self.watchdog.lag,
             )
             metrics = make_registry(probe)
-            self._http = await self._stack.enter_async_context(
+            await self._stack.enter_async_context(
                 HttpServer(
                     listen[0],
                     listen[1],

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import random
 import struct
 import zlib
 from collections import Counter, deque
@@ -23,9 +22,9 @@ from bridge import mqtt_codec as codec
 from bridge.errors import ConnectionFailed, PacketTooLarge
 from bridge.message import Envelope
 from bridge.mqtt import Endpoint, MqttConnection, SessionOptions
-from bridge.mqtt_codec import Publish
+from bridge.mqtt_codec import SESSION_TAKEN_OVER, TAKEOVER_HINT, Publish
 from bridge.pacing import Throttle, TokenBucket
-from bridge.service import Backoff, Service
+from bridge.service import Backoff, ConnectPacer, Service
 
 # Outcome of one envelope, reported to the pipeline.
 DELIVERED = 0
@@ -40,7 +39,6 @@ UNENCODABLE = -4  # cannot be an MQTT packet at all (e.g. a topic over 65535 byt
 POISON_DROPS = 3
 
 QUOTA_EXCEEDED = 0x97
-SESSION_TAKEN_OVER = 0x8E
 RECEIVE_MAXIMUM_EXCEEDED = 0x93
 # Disconnects that can be about the message just sent. Throttling (0x97), takeover
 # (0x8E), shutdown (0x8B) and the like are the server's business, not the message's.
@@ -101,7 +99,9 @@ class TargetLink:
             TokenBucket(pacing.bytes_rate, pacing.burst, now) if pacing.bytes_rate else None
         )
         self._timer: asyncio.TimerHandle | None = None
-        self._last_connect = -math.inf
+        self._pacer = ConnectPacer(pacing.connect_interval)
+        # The window before throttling: ours, capped by the server's Receive Maximum.
+        self._window_cap = window
         self._seq = 0
         self._log = structlog.get_logger().bind(side="target", connection=index)
 
@@ -183,21 +183,19 @@ class TargetLink:
         self._timer = None
         self._pump()
 
-    def _apply_throttle(self, now: float) -> None:
-        factor = self._throttle.hit(now)
+    def _use_factor(self, factor: float) -> None:
+        """Run at ``factor`` of full speed: the publish rate when paced, else the window."""
         if self._messages is not None and self.pacing.publish_rate:
             self._messages.set_rate(self.pacing.publish_rate * factor, self.pacing.burst)
         else:
-            self.window = max(1, math.ceil(self.max_window * factor))
+            self.window = max(1, math.ceil(self._window_cap * factor))
+
+    def _apply_throttle(self, now: float) -> None:
+        self._use_factor(self._throttle.hit(now))
 
     def _recover(self, now: float) -> None:
-        if not self._throttle.events:
-            return
-        factor = self._throttle.factor(now)
-        if self._messages is not None and self.pacing.publish_rate:
-            self._messages.set_rate(self.pacing.publish_rate * factor, self.pacing.burst)
-        else:
-            self.window = max(1, math.ceil(self.max_window * factor))
+        if self._throttle.events:
+            self._use_factor(self._throttle.factor(now))
 
     # ---- mqtt.Listener -------------------------------------------------------------
 
@@ -250,11 +248,11 @@ class TargetLink:
             self._log.error(
                 "target.session_taken_over",
                 client_id=self.options.client_id,
-                hint="another connection uses this client id: do two workers share an instance_id?",
+                hint=TAKEOVER_HINT,
             )
         elif reason == RECEIVE_MAXIMUM_EXCEEDED:
             self.max_window = max(1, self.window // 2)
-            self.window = self.max_window
+            self.window = self._window_cap = self.max_window
             self._log.warning("target.window_shrunk", window=self.window)
         elif reason == QUOTA_EXCEEDED:
             self.throttled["disconnect_quota_exceeded"] += 1
@@ -283,7 +281,7 @@ class TargetLink:
     async def run(self) -> None:
         backoff = Backoff()
         while True:
-            await self._pace_connect()
+            await self._pacer.wait()
             conn = MqttConnection(self.options, self)
             try:
                 await conn.connect(self.endpoint, self.connect_timeout)
@@ -294,11 +292,8 @@ class TargetLink:
                 continue
             self.conn = conn
             self._writable = True
-            self.window = min(self.max_window, conn.server_receive_maximum)
-            if self._messages is None and self._throttle.events:
-                # Unpaced links throttle through the window: keep that across reconnects.
-                factor = self._throttle.factor(self._loop.time())
-                self.window = max(1, math.ceil(self.window * factor))
+            self.window = self._window_cap = min(self.max_window, conn.server_receive_maximum)
+            self._recover(self._loop.time())  # a throttle outlives the connection
             self._log.info(
                 "target.connected",
                 endpoint=str(self.endpoint),
@@ -314,17 +309,6 @@ class TargetLink:
             if conn.disconnect_reason != SESSION_TAKEN_OVER:
                 backoff.reset()  # a takeover keeps growing the delay: two owners must not ping-pong
             await asyncio.sleep(backoff.next_delay())
-
-    async def _pace_connect(self) -> None:
-        interval = self.pacing.connect_interval
-        if interval:
-            # Jitter spreads the CONNECTs of many workers restarted at once.
-            wait = (
-                self._last_connect + interval - self._loop.time() + random.uniform(0, interval / 2)
-            )
-            if wait > 0:
-                await asyncio.sleep(wait)
-        self._last_connect = self._loop.time()
 
     async def close(self) -> None:
         self._closing = True

@@ -143,6 +143,7 @@ class Replayer:
         self._done = asyncio.Event()
         self._v5 = cfg.target.protocol == "5"
         self._progress_at = 0.0
+        self._bucket = TokenBucket(opts.rate, 0.1, time.monotonic()) if opts.rate else None
         self._total_objects = 0
 
     async def run(self) -> Summary:
@@ -230,11 +231,8 @@ class Replayer:
         return self._filter is None or self._filter.matches(record["topic"])
 
     async def _publish(self, pool: Any, record: dict[str, Any]) -> None:
-        if self.opts.rate:
-            bucket = getattr(self, "_bucket", None)
-            if bucket is None:
-                bucket = self._bucket = TokenBucket(self.opts.rate, 0.1, time.monotonic())
-            while wait := bucket.delay(1, time.monotonic()):  # noqa: ASYNC110 - pacing: waiting is the point
+        if self._bucket is not None:
+            while wait := self._bucket.delay(1, time.monotonic()):  # noqa: ASYNC110 - pacing: waiting is the point
                 await asyncio.sleep(wait)
         while self._outstanding >= 2 * self.cfg.flow.max_inflight:
             self._room.clear()

@@ -8,8 +8,6 @@ acknowledgement queue; all share one flow bound.
 from __future__ import annotations
 
 import asyncio
-import math
-import random
 from collections.abc import Callable
 
 import structlog
@@ -17,12 +15,11 @@ import structlog
 from bridge.errors import ConnectionFailed
 from bridge.flow import AckQueue, Flow
 from bridge.mqtt import Endpoint, MqttConnection, SessionOptions
-from bridge.mqtt_codec import Publish, reason_name
-from bridge.service import Backoff, Service
+from bridge.mqtt_codec import SESSION_TAKEN_OVER, TAKEOVER_HINT, Publish, reason_name
+from bridge.service import Backoff, ConnectPacer, Service
 from bridge.stats import Stats
 
 Handler = Callable[[AckQueue, Publish], bool]
-SESSION_TAKEN_OVER = 0x8E
 
 
 def plan_subscriptions(
@@ -56,7 +53,7 @@ class SourceLink:
         self.options = options
         self.subscriptions = subscriptions
         self.per_subscribe = per_subscribe or len(subscriptions)
-        self.connect_interval = connect_interval
+        self._pacer = ConnectPacer(connect_interval)
         self.flow = flow
         self.subscribed = False
         self.reconnects = 0
@@ -67,17 +64,12 @@ class SourceLink:
         self._conn: MqttConnection | None = None
         self._acks: AckQueue | None = None
         self._leaving = False
-        self._last_connect = -math.inf
         self._log = structlog.get_logger().bind(side="source", connection=index)
 
     async def run(self) -> None:
         backoff = Backoff()
-        loop = asyncio.get_running_loop()
         while not self._leaving:
-            if self.connect_interval:
-                wait = self._last_connect + self.connect_interval - loop.time()
-                await asyncio.sleep(max(0.0, wait) + random.uniform(0, self.connect_interval / 2))
-            self._last_connect = loop.time()
+            await self._pacer.wait()
             conn = MqttConnection(self.options, self)
             self._conn, self._acks = conn, AckQueue(self.flow, conn, self._stats)
             try:
@@ -153,7 +145,7 @@ class SourceLink:
             self._log.error(
                 "source.session_taken_over",
                 client_id=self.options.client_id,
-                hint="another connection uses this client id: do two workers share an instance_id?",
+                hint=TAKEOVER_HINT,
             )
         elif was_subscribed and not self._leaving:
             self._log.warning("source.disconnected", reason=str(exc) if exc else "closed")

@@ -53,9 +53,6 @@ class Stats:
         self.latency_counts[route][bisect_left(LATENCY_BUCKETS, seconds)] += 1
         self.latency_sums[route] += seconds
 
-    def route_index(self, label: str) -> int:
-        return self.routes.index(label)
-
     def summary(self) -> dict[str, int]:
         return {
             "received": sum(self.received),
