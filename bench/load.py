@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from bench.harness import terminate
+
 LINE_OVERHEAD = len("1795315399.268069292 ") + 1  # '%U ' before the payload, '\n' after
 PROBE = b"probe"
 
@@ -85,17 +87,13 @@ def spread(total: int, parts: int) -> list[int]:
     return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
 
 
+def _pub_base(port: int, topic: str, qos: int) -> list[str]:
+    return ["mosquitto_pub", "-h", "127.0.0.1", "-p", str(port), "-t", topic, "-q", str(qos)]
+
+
 def _pub_cmd(port: int, topic: str, qos: int, client_id: str) -> list[str]:
     return [
-        "mosquitto_pub",
-        "-h",
-        "127.0.0.1",
-        "-p",
-        str(port),
-        "-t",
-        topic,
-        "-q",
-        str(qos),
+        *_pub_base(port, topic, qos),
         "-i",
         client_id,
         "-M",
@@ -106,22 +104,27 @@ def _pub_cmd(port: int, topic: str, qos: int, client_id: str) -> list[str]:
     ]
 
 
+def _start_piped_publishers(
+    procs: Procs, port: int, topics: list[str], qos: int, tag: str
+) -> list[subprocess.Popen[bytes]]:
+    """One publisher per topic reading its messages from a pipe, connected before return
+    (so that the clock the caller starts next does not count process start-up)."""
+    started = [
+        procs.popen(
+            _pub_cmd(port, topic, qos, f"{tag}-p{i}"),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for i, topic in enumerate(topics)
+    ]
+    time.sleep(0.3)
+    return started
+
+
 def probe_once(port: int, topic: str, qos: int) -> None:
     subprocess.run(
-        [
-            "mosquitto_pub",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            str(port),
-            "-t",
-            topic,
-            "-q",
-            str(qos),
-            "-m",
-            PROBE.decode(),
-            "--quiet",
-        ],
+        [*_pub_base(port, topic, qos), "-m", PROBE.decode(), "--quiet"],
         check=False,
         timeout=10,
         stdout=subprocess.DEVNULL,
@@ -182,16 +185,7 @@ def publish_files(
     the files begin to flow into their stdin (``sendfile`` into the pipe, no copy
     through Python). A lane's further files go to fresh processes, one after another.
     """
-    first = [
-        procs.popen(
-            _pub_cmd(port, topic, qos, f"{tag}-p{i}"),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        for i, topic in enumerate(topics)
-    ]
-    time.sleep(0.3)  # connected before the clock starts
+    first = _start_piped_publishers(procs, port, topics, qos, tag)
     failure: list[str] = []
     deadline = time.monotonic() + timeout
 
@@ -275,16 +269,7 @@ def publish_paced(
     One thread paces all pipes: every millisecond it writes what is due by then, so the
     stamped time is within ~1 ms of the moment ``mosquitto_pub`` reads the line.
     """
-    running = [
-        procs.popen(
-            _pub_cmd(port, topic, qos, f"{tag}-p{i}"),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        for i, topic in enumerate(topics)
-    ]
-    time.sleep(0.3)  # let the publishers connect before the clock starts
+    running = _start_piped_publishers(procs, port, topics, qos, tag)
     started = time.time()
     pipes: list[IO[bytes]] = [p.stdin for p in running if p.stdin is not None]
     total = sum(counts)
@@ -391,13 +376,7 @@ class Subscriber:
             time.sleep(0.02)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc, 5)
         self._file.close()
 
 
