@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.harness import (
+from tests.harness import (
     Collector,
     Mosquitto,
     Publisher,

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from bench.harness import terminate
+from tests.harness import terminate
 
 LINE_OVERHEAD = len("1795315399.268069292 ") + 1  # '%U ' before the payload, '\n' after
 PROBE = b"probe"

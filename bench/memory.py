@@ -25,9 +25,9 @@ from typing import Any
 import psutil
 
 from bench import load
-from bench.harness import Mosquitto, Worker, wait_until
 from bench.load import Procs
 from bench.paths import BROKER_EXTRA, worker_config
+from tests.harness import Mosquitto, Worker, wait_until
 
 SIZE = 32
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import psutil
 
-from bench.harness import Mosquitto, Worker, bridge_config
+from tests.harness import Mosquitto, Worker, bridge_config
 
 # Every broker in the benchmark: without it, Nagle's algorithm on the broker's sockets
 # adds tens of milliseconds to QoS 0 latency, on every path alike.

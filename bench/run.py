@@ -33,9 +33,9 @@ from typing import Any
 import psutil
 
 from bench import load
-from bench.harness import ROOT, Mosquitto, workdir
 from bench.load import Procs
 from bench.paths import BROKER_EXTRA, PATHS, OpenPath, open_path
+from tests.harness import ROOT, Mosquitto, workdir
 
 
 @dataclass

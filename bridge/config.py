@@ -34,6 +34,7 @@ from bridge.routing import (
     TopicTemplate,
     filter_pattern,
     patterns_overlap,
+    plan_subscriptions,
     template_pattern,
 )
 from bridge.tls import client_context
@@ -372,18 +373,29 @@ class BridgeConfig(BaseSettings):
                     )
         return self
 
+    # Client ids and the source connection plan are derived here, and only here: the
+    # checks above and the wiring that opens the connections must agree.
+
+    def source_plan(self) -> list[list[tuple[str, int]]]:
+        """The subscriptions of each source connection (one unless the broker caps them)."""
+        return plan_subscriptions(
+            [(r.subscription, r.qos) for r in self.routes],
+            self.source.limits.subscriptions_per_connection,
+        )
+
     @property
     def source_connections(self) -> int:
-        per = self.source.limits.subscriptions_per_connection
-        return 1 if not per else -(-len(self.routes) // per)
+        return len(self.source_plan())
 
     def source_client_id(self, index: int = 0) -> str:
         base = self.source.client_id or f"{self.instance_id}-src"
         return base if index == 0 else f"{base}-{index}"
 
-    def target_client_id(self, index: int) -> str:
-        base = self.target.client_id or f"{self.instance_id}-tgt"
-        return f"{base}-{index}"
+    def target_client_id(self, index: int, tag: str = "tgt") -> str:
+        """``tag`` keeps other tools' connections (replay) apart from the worker's."""
+        if self.target.client_id and tag == "tgt":
+            return f"{self.target.client_id}-{index}"
+        return f"{self.instance_id}-{tag}-{index}"
 
     def redacted(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -1,4 +1,4 @@
-"""Where messages go that the target can never take. The S3 archive plugs in here later."""
+"""Where messages go that the target can never take: the S3 archive, or the log."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any, Protocol
 
 import structlog
 
-from bridge.backup import DEAD_LETTER, S3Archive
+from bridge.archive import DEAD_LETTER, S3Archive
 from bridge.message import Envelope
 
 

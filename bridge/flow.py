@@ -2,22 +2,29 @@
 
 from __future__ import annotations
 
-from collections import deque
+import enum
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
-from bridge.message import Pending
-from bridge.stats import Stats
 
-if TYPE_CHECKING:
-    from bridge.mqtt import MqttConnection
+class WhenFull(enum.Enum):
+    """What a message that finds the flow full gets (Vector's ``when_full``)."""
+
+    BLOCK = "block"  # held, and reading stops: the backlog stays in the source broker
+    DROP = "drop"  # dropped and counted as dropped{reason="full"}, never silently
 
 
 class Flow:
-    """Admits a message only while both caps have room; wakes the reader when they do again."""
+    """Admits a message only while both caps have room; wakes the reader when they do again.
 
-    def __init__(self, max_messages: int, max_bytes: int) -> None:
+    QoS 1 always blocks when full (dropping it would break at-least-once); QoS 0 follows
+    ``qos0_when_full``: it cannot be slowed down by the protocol, only held or dropped.
+    """
+
+    def __init__(
+        self, max_messages: int, max_bytes: int, qos0_when_full: WhenFull = WhenFull.DROP
+    ) -> None:
         self.max_messages = max_messages
+        self.qos0_when_full = qos0_when_full
         self.max_bytes = max_bytes
         self.messages = 0
         self.bytes = 0
@@ -40,6 +47,9 @@ class Flow:
         self.peak_bytes = max(self.peak_bytes, self.bytes)
         return True
 
+    def when_full(self, qos: int) -> WhenFull:
+        return self.qos0_when_full if qos == 0 else WhenFull.BLOCK
+
     def release(self, size: int) -> None:
         self.messages -= 1
         self.bytes -= size
@@ -54,49 +64,3 @@ class Flow:
     def on_space(self, wake: Callable[[], None]) -> Callable[[], None]:
         self._waiters.append(wake)
         return lambda: self._waiters.remove(wake)
-
-
-class AckQueue:
-    """Acknowledges one source connection's messages in arrival order (MQTT-4.6.0-2).
-
-    A message finished out of order waits for those before it. When the connection is
-    gone, finished messages only free their room: the broker redelivers them to the
-    resumed session, which the counters record as duplicates downstream.
-    """
-
-    def __init__(self, flow: Flow, conn: MqttConnection, stats: Stats) -> None:
-        self._flow = flow
-        self._queue: deque[Pending] = deque()
-        self.conn: MqttConnection | None = conn
-        self._stats = stats
-
-    def __len__(self) -> int:
-        return len(self._queue)
-
-    def add(self, pending: Pending) -> None:
-        self._queue.append(pending)
-
-    def complete(self, pending: Pending) -> None:
-        pending.holds -= 1
-        if pending.holds:
-            return
-        pending.done = True
-        queue = self._queue
-        if queue[0] is not pending:
-            return
-        conn = self.conn
-        release = self._flow.release
-        stats = self._stats
-        while queue and queue[0].done:
-            head = queue.popleft()
-            if conn is None:
-                stats.abandoned += 1
-            else:
-                if head.qos:
-                    conn.puback(head.packet_id)
-                stats.acknowledged += 1
-            release(head.size)
-
-    def detach(self) -> None:
-        """The connection is lost: later completions must not be acknowledged on another."""
-        self.conn = None

@@ -10,6 +10,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
+import orjson
 import structlog
 
 from bridge.service import Service
@@ -66,3 +67,28 @@ class HttpServer(Service):
             pass
         finally:
             writer.close()
+
+
+def probe_handlers(
+    metrics: Callable[[], bytes],
+    healthy: Callable[[], bool],
+    readiness: Callable[[], dict[str, Any]],
+) -> dict[str, Handler]:
+    """The worker's three endpoints. ``readiness()`` holds a "ready" key and the facts
+    behind it, so an operator sees why a worker is not ready."""
+
+    def healthz() -> tuple[int, str, bytes]:
+        if healthy():
+            return 200, "text/plain", b"ok\n"
+        return 503, "text/plain", b"event loop stalled\n"
+
+    def readyz() -> tuple[int, str, bytes]:
+        state = readiness()
+        body = orjson.dumps(state) + b"\n"
+        return (200 if state["ready"] else 503), "application/json", body
+
+    return {
+        "/metrics": lambda: (200, "text/plain; version=0.0.4", metrics()),
+        "/healthz": healthz,
+        "/readyz": readyz,
+    }

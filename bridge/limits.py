@@ -34,12 +34,6 @@ class TopicLimits:
     max_topic_bytes: int | None = None
     max_topic_slashes: int | None = None
 
-    @property
-    def active(self) -> bool:
-        return any(
-            v is not None for v in (self.max_payload, self.max_topic_bytes, self.max_topic_slashes)
-        )
-
     def violation(self, topic: bytes, payload_size: int) -> str | None:
         """The reason the target can never take this message, or None."""
         if self.max_payload is not None and payload_size > self.max_payload:

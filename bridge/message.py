@@ -3,27 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
+from bridge.acks import Pending
 from bridge.mqtt_codec import Properties, Publish
-
-if TYPE_CHECKING:
-    from bridge.flow import AckQueue
-
-
-@dataclass(slots=True, eq=False)
-class Pending:
-    """A source message's place in the in-order acknowledgement queue."""
-
-    acks: AckQueue
-    packet_id: int
-    qos: int
-    size: int
-    route: int
-    done: bool = False
-    # What must finish before the source acknowledgement: the target's answer, and in
-    # `required` archive mode also the S3 object holding the record.
-    holds: int = 1
 
 
 @dataclass(slots=True, eq=False)

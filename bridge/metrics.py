@@ -20,9 +20,8 @@ from bridge.flow import Flow
 from bridge.stats import LATENCY_BUCKETS, Stats
 
 if TYPE_CHECKING:
-    from bridge.backup import S3Archive
-    from bridge.pool import TargetLink
-    from bridge.source import SourceLink
+    from bridge.archive import S3Archive
+    from bridge.link import LinkStats
 
 
 @dataclass(slots=True)
@@ -32,8 +31,8 @@ class Probe:
     direction: str
     stats: Stats
     flow: Flow
-    sources: list[SourceLink]
-    targets: list[TargetLink]
+    sources: Callable[[], list[LinkStats]]
+    targets: Callable[[], list[LinkStats]]
     ready: Callable[[], bool]
     archive: S3Archive | None = None
     loop_lag: Callable[[], float] = lambda: 0.0
@@ -135,8 +134,8 @@ class BridgeCollector(Collector):
             "Connections lost and re-established.",
             labels=["direction", "side", "connection"],
         )
-        for link in p.sources:
-            state.add_metric([d, "source", str(link.index)], int(link.subscribed))
+        for link in p.sources():
+            state.add_metric([d, "source", str(link.index)], int(link.up))
             reconnects.add_metric([d, "source", str(link.index)], link.reconnects)
         published = CounterMetricFamily(
             "mqtt_bridge_connection_published",
@@ -163,9 +162,9 @@ class BridgeCollector(Collector):
             "DISCONNECTs from the target by reason (session_taken_over: a client id collision).",
             labels=["direction", "connection", "reason"],
         )
-        for target in p.targets:
+        for target in p.targets():
             i = str(target.index)
-            state.add_metric([d, "target", i], int(target.connected))
+            state.add_metric([d, "target", i], int(target.up))
             reconnects.add_metric([d, "target", i], target.reconnects)
             published.add_metric([d, i], target.published)
             window.add_metric([d, i], target.window)

@@ -336,16 +336,25 @@ class Ack:
     session_present: bool = False
 
 
-def split_packet(buf: bytearray, pos: int) -> tuple[int, int, int] | None:
-    """Find the packet starting at ``pos``: ``(first_byte, body_start, body_end)``."""
-    if pos >= len(buf):
+def split_packet(
+    buf: bytes | bytearray, pos: int, size: int | None = None
+) -> tuple[int, int, int] | None:
+    """Frame the packet starting at ``pos`` of ``buf[:size]``: ``(first_byte, body_start,
+    body_end)``, or None until all of it has arrived. The one framing function."""
+    if size is None:
+        size = len(buf)
+    if size - pos < 2:
         return None
-    decoded = decode_varint(buf, pos + 1)
-    if decoded is None:
-        return None
-    length, start = decoded
+    length = buf[pos + 1]
+    if length < 128:  # a one-byte remaining length: most packets
+        start = pos + 2
+    else:
+        found = decode_varint(buf, pos + 1)
+        if found is None:
+            return None
+        length, start = found
     end = start + length
-    if end > len(buf):
+    if end > size:
         return None
     return buf[pos], start, end
 
@@ -417,8 +426,6 @@ def decode_ack(kind: int, body: bytes, protocol: int) -> Ack:
 
 
 SESSION_TAKEN_OVER = 0x8E
-# Logged with every takeover: the usual cause at 3 a.m.
-TAKEOVER_HINT = "another connection uses this client id: do two workers share an instance_id?"
 
 REASON_NAMES: dict[int, str] = {
     0x00: "success", 0x04: "disconnect with will", 0x10: "no matching subscribers",

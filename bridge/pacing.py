@@ -1,6 +1,19 @@
-"""Token buckets and the throttle response (multiplicative decrease, additive recovery)."""
+"""How fast one target connection may go: token buckets for messages and bytes, the
+in-flight window, and the throttle response (multiplicative decrease, additive recovery).
+"""
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Pacing:
+    publish_rate: float | None = None  # messages/s per connection
+    bytes_rate: float | None = None  # bytes/s per connection
+    burst: float = 1.0  # seconds' worth of tokens a bucket holds
+    connect_interval: float = 0.0  # minimum seconds between CONNECTs of one client id
 
 
 class TokenBucket:
@@ -56,3 +69,64 @@ class Throttle:
         self._factor_at = max(self.FLOOR, self.factor(now) / 2)
         self._since = now
         return self._factor_at
+
+
+class Pacer:
+    """One connection's speed limits. Throttling lowers the publish rate when the
+    connection is paced, else the window; both climb back as the throttle recovers."""
+
+    def __init__(self, pacing: Pacing, window: int, now: float) -> None:
+        self.pacing = pacing
+        self.max_window = window
+        self.window = window
+        # The window before throttling: ours, capped by the server's Receive Maximum.
+        self._window_cap = window
+        self._throttle = Throttle()
+        self._messages = (
+            TokenBucket(pacing.publish_rate, pacing.burst, now) if pacing.publish_rate else None
+        )
+        self._bytes = (
+            TokenBucket(pacing.bytes_rate, pacing.burst, now) if pacing.bytes_rate else None
+        )
+        self.paced = self._messages is not None or self._bytes is not None
+
+    @property
+    def rate_limit(self) -> float:
+        """The publish rate currently allowed (0 when unpaced)."""
+        return self._messages.rate if self._messages is not None else 0.0
+
+    def delay(self, size: int, now: float) -> float:
+        """Take the tokens for one message of ``size`` bytes and return 0, or return the
+        seconds to wait (taking nothing)."""
+        messages = self._messages
+        wait = messages.delay(1, now) if messages is not None else 0.0
+        if not wait and self._bytes is not None:
+            wait = self._bytes.delay(size, now)
+            if wait and messages is not None:
+                messages.tokens += 1  # give back: nothing was sent
+        return wait
+
+    def connected(self, server_receive_maximum: int, now: float) -> None:
+        """A new connection: the window is capped by what the server announced."""
+        self.window = self._window_cap = min(self.max_window, server_receive_maximum)
+        self.recover(now)  # a throttle outlives the connection
+
+    def throttled(self, now: float) -> None:
+        """A quota-exceeded answer (0x97): slow down."""
+        self._use_factor(self._throttle.hit(now))
+
+    def recover(self, now: float) -> None:
+        if self._throttle.events:
+            self._use_factor(self._throttle.factor(now))
+
+    def shrink_window(self) -> None:
+        """The server said we exceeded its Receive Maximum (0x93): halve the window for good."""
+        self.max_window = max(1, self.window // 2)
+        self.window = self._window_cap = self.max_window
+
+    def _use_factor(self, factor: float) -> None:
+        """Run at ``factor`` of full speed: the publish rate when paced, else the window."""
+        if self._messages is not None and self.pacing.publish_rate:
+            self._messages.set_rate(self.pacing.publish_rate * factor, self.pacing.burst)
+        else:
+            self.window = max(1, math.ceil(self._window_cap * factor))

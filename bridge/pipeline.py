@@ -1,4 +1,8 @@
-"""The bridge: source → bounded flow → target connections → in-order source ack.
+"""The bridge: source → bounded flow → target → in-order source ack.
+
+``Bridge`` wires the parts (``wiring``), runs the hot path and owns the lifecycle; the
+parts live in their own modules behind named contracts (``target.Target``,
+``acks.AckQueue``, ``deadletter.DeadLetterSink``, ``flow.WhenFull``).
 
 Everything on the hot path is a synchronous callback: a PUBLISH is parsed, routed,
 admitted and queued for its target connection within one ``data_received`` call, and
@@ -9,41 +13,30 @@ created per message.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import time
-from functools import partial
 from typing import Any
 
-import orjson
 import structlog
 
+from bridge import archive as archive_format
 from bridge import mqtt_codec as codec
-from bridge.backup import ARCHIVE, ArchiveSettings, S3Archive, properties_to_json
-from bridge.config import HOP_MARKER, BridgeConfig, BrokerConfig
+from bridge.acks import AckQueue, Pending
+from bridge.archive import ARCHIVE, S3Archive
+from bridge.config import HOP_MARKER, BridgeConfig
 from bridge.deadletter import ArchiveDeadLetters, DeadLetterSink, LogDeadLetters
-from bridge.flow import AckQueue, Flow
-from bridge.http import HttpServer
-from bridge.message import Envelope, Pending
+from bridge.flow import Flow, WhenFull
+from bridge.http import HttpServer, probe_handlers
+from bridge.message import Envelope
 from bridge.metrics import Probe, make_registry
-from bridge.mqtt import Endpoint, SessionOptions
 from bridge.mqtt_codec import Publish
-from bridge.pool import (
-    DELIVERED,
-    EXPIRED,
-    POISON,
-    POISON_DROPS,
-    TOO_LARGE,
-    UNENCODABLE,
-    OnDone,
-    Pacing,
-    TargetLink,
-    TargetPool,
-)
+from bridge.outcome import DELIVERED, EXPIRED, Outcome
+from bridge.policy import POISON_DROPS
 from bridge.routing import TopicFilter, TopicTemplate
-from bridge.source import Source, SourceLink, plan_subscriptions
 from bridge.stats import Stats
+from bridge.target import Target
 from bridge.watchdog import Watchdog
+from bridge.wiring import make_archive, make_source, make_target
 
 # MQTT 5 properties a republished message keeps. Topic alias and subscription
 # identifiers belong to one connection; the expiry is rewritten as what remains.
@@ -53,14 +46,6 @@ _PASSTHROUGH = (
     codec.RESPONSE_TOPIC,
     codec.CORRELATION_DATA,
 )
-
-
-def protocol_level(broker: BrokerConfig) -> int:
-    return codec.PROTOCOL_5 if broker.protocol == "5" else codec.PROTOCOL_311
-
-
-def endpoint_of(broker: BrokerConfig) -> Endpoint:
-    return Endpoint(broker.host, broker.port, broker.ssl_context(), broker.server_name)
 
 
 class CompiledRoute:
@@ -93,23 +78,7 @@ class Bridge:
                 route.label = label
         self.stats = Stats(labels)
         self.flow = Flow(cfg.flow.max_inflight, cfg.flow.max_inflight_bytes)
-        self.archive: S3Archive | None = None
-        s3 = cfg.backup.s3
-        if s3 is not None:
-            self.archive = S3Archive(
-                ArchiveSettings(
-                    s3.bucket,
-                    s3.prefix,
-                    s3.endpoint_url,
-                    s3.region,
-                    s3.mode == "required",
-                    s3.flush_interval,
-                    s3.max_batch_bytes,
-                    s3.max_buffer_bytes,
-                ),
-                cfg.direction,
-                cfg.instance_id,
-            )
+        self.archive: S3Archive | None = make_archive(cfg)
         self.dead_letters: DeadLetterSink = dead_letters or (
             ArchiveDeadLetters(self.archive, self._record) if self.archive else LogDeadLetters()
         )
@@ -123,63 +92,29 @@ class Bridge:
         self._marker_only = codec.encode_properties({codec.USER_PROPERTY: [self._marker]})
         self._loop = asyncio.get_running_loop()
         self.topic_limits = cfg.target.limits.topic_limits()
-        self.source = self._make_source(cfg)
-        self.pool = make_pool(cfg, self._on_done)
+        self.source = make_source(cfg, self.flow, self._handle, self.stats)
+        self.target: Target = make_target(cfg, self._on_done)
         self.watchdog = Watchdog()
         self._stack = contextlib.AsyncExitStack()
-
-    def _make_source(self, cfg: BridgeConfig) -> Source:
-        src = cfg.source
-        endpoint = endpoint_of(src)
-        plan = plan_subscriptions(
-            [(r.subscription, r.qos) for r in cfg.routes], src.limits.subscriptions_per_connection
-        )
-        links = [
-            SourceLink(
-                i,
-                endpoint,
-                SessionOptions(
-                    client_id=cfg.source_client_id(i),
-                    protocol=protocol_level(src),
-                    clean_start=False,
-                    session_expiry=src.session_expiry,
-                    keepalive=src.keepalive,
-                    # MQTT 5 lets us tell the broker our window: it stops sending at the cap.
-                    receive_maximum=min(cfg.flow.max_inflight, src.limits.inflight or 65535),
-                    username=src.username,
-                    password=_password(src),
-                ),
-                subscriptions,
-                src.limits.filters_per_subscribe,
-                src.limits.connect_interval,
-                self.flow,
-                self._handle,
-                src.connect_timeout,
-                self.stats,
-            )
-            for i, subscriptions in enumerate(plan)
-        ]
-        return Source(links, self.flow)
 
     # ---- hot path ------------------------------------------------------------------
 
     def _handle(self, acks: AckQueue, msg: Publish) -> bool:
         size = len(msg.payload)
         if not self.flow.try_admit(size):
-            if msg.qos == 0:
+            if self.flow.when_full(msg.qos) is WhenFull.DROP:
                 route = self._match(msg.topic)
                 self.stats.dropped[(route[0].index if route else 0, "full")] += 1
                 return True
             return False  # held by the connection, which stops reading
         found = self._match(msg.topic)
         route_index = found[0].index if found else 0
-        pending = Pending(acks, msg.packet_id, msg.qos, size, route_index)
-        acks.add(pending)
+        pending = acks.admit(msg.packet_id, msg.qos, size, route_index)
         self.stats.received[route_index] += 1
         props = msg.properties
         if props is not None and self._has_marker(props):
             self.stats.dropped[(route_index, "loop")] += 1
-            acks.complete(pending)
+            pending.finish()
             return True
         if found is None:
             env = self._envelope(msg, pending, msg.topic, None, 0, None)
@@ -195,10 +130,10 @@ class Bridge:
         if archive is not None:
             if archive.required:
                 pending.holds += 1
-                archive.add(ARCHIVE, self._record(env), partial(pending.acks.complete, pending))
+                archive.add(ARCHIVE, self._record(env), pending.finish)
             else:
                 archive.add(ARCHIVE, self._record(env), None)
-        self.pool.submit(env)
+        self.target.submit(env)
         return True
 
     def _match(self, topic: str) -> tuple[CompiledRoute, str] | None:
@@ -251,56 +186,40 @@ class Bridge:
         )
 
     def _record(self, env: Envelope) -> dict[str, Any]:
-        """The archive record of a message: what the source sent, and where it went."""
-        msg = env.source
-        return {
-            "topic": msg.topic,
-            "target_topic": env.topic.decode(),
-            "payload_b64": base64.b64encode(msg.payload).decode(),
-            "qos": msg.qos,
-            "retain": msg.retain,
-            "properties": properties_to_json(msg.properties),
-            "received_at": env.received_epoch,
-            "direction": self.cfg.direction,
-            "instance": self.cfg.instance_id,
-            "route": self.routes[env.route].label,
-        }
+        return archive_format.record(
+            env, self.cfg.direction, self.cfg.instance_id, self.routes[env.route].label
+        )
 
-    def _on_done(self, env: Envelope, outcome: int) -> None:
+    def _on_done(self, env: Envelope, outcome: Outcome) -> None:
         pending = env.pending
-        if outcome == DELIVERED:
+        if outcome is DELIVERED:
             self.stats.published[pending.route] += 1
             self.stats.observe_latency(pending.route, self._loop.time() - env.received_at)
-            pending.acks.complete(pending)
-        elif outcome == EXPIRED:
+            pending.finish()
+        elif outcome is EXPIRED:
             self.stats.dropped[(pending.route, "expired")] += 1
-            pending.acks.complete(pending)
-        elif outcome == POISON:
-            reason = f"target dropped the connection {POISON_DROPS} times on this message"
-            self._dead_letter(env, reason, "connection_dropped")
-        elif outcome == TOO_LARGE:
-            self._dead_letter(
-                env, "larger than the target's Maximum Packet Size", "packet_too_large"
-            )
-        elif outcome == UNENCODABLE:
-            self._dead_letter(env, "cannot be encoded as an MQTT packet", "unencodable")
+            pending.finish()
         else:
-            self._dead_letter(
-                env,
-                f"rejected: {codec.reason_name(outcome)} (0x{outcome:02x})",
-                f"rejected_0x{outcome:02x}",
-            )
+            self._dead_letter(env, *outcome.dead_letter_reason(POISON_DROPS))
 
     def _dead_letter(self, env: Envelope, reason: str, label: str | None = None) -> None:
         pending = env.pending
         self.stats.dead_lettered[(pending.route, label or reason.split(" (", 1)[0])] += 1
-        self.dead_letters.submit(env, reason, lambda: pending.acks.complete(pending))
+        self.dead_letters.submit(env, reason, pending.finish)
 
     # ---- lifecycle -----------------------------------------------------------------
 
     @property
     def ready(self) -> bool:
-        return self.source.subscribed and self.pool.connected
+        return self.source.subscribed and self.target.ready
+
+    def readiness(self) -> dict[str, Any]:
+        """What /readyz answers: ready, and the facts it is made of."""
+        return {
+            "ready": self.ready,
+            "source_subscribed": self.source.subscribed,
+            "target_connected": [c.up for c in self.target.connections()],
+        }
 
     async def __aenter__(self) -> Bridge:
         await self._stack.__aenter__()
@@ -311,48 +230,25 @@ class Bridge:
                 direction=self.cfg.direction,
                 stats=self.stats,
                 flow=self.flow,
-                sources=self.source.links,
-                targets=self.pool.links,
+                sources=self.source.connections,
+                targets=self.target.connections,
                 ready=lambda: self.ready,
                 archive=self.archive,
                 loop_lag=lambda: self.watchdog.lag,
             )
-            metrics = make_registry(probe)
-            await self._stack.enter_async_context(
-                HttpServer(
-                    listen[0],
-                    listen[1],
-                    {
-                        "/metrics": lambda: (200, "text/plain; version=0.0.4", metrics()),
-                        "/healthz": self._healthz,
-                        "/readyz": self._readyz,
-                    },
-                )
+            handlers = probe_handlers(
+                make_registry(probe), lambda: self.watchdog.healthy, self.readiness
             )
+            await self._stack.enter_async_context(HttpServer(listen[0], listen[1], handlers))
         if self.archive is not None:
             await self._stack.enter_async_context(self.archive)
         # Targets first: a source message must find a connection to go to.
-        await self._stack.enter_async_context(self.pool)
+        await self._stack.enter_async_context(self.target)
         await self._stack.enter_async_context(self.source)
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self._stack.__aexit__(None, None, None)
-
-    def _healthz(self) -> tuple[int, str, bytes]:
-        if self.watchdog.healthy:
-            return 200, "text/plain", b"ok\n"
-        return 503, "text/plain", b"event loop stalled\n"
-
-    def _readyz(self) -> tuple[int, str, bytes]:
-        body = orjson.dumps(
-            {
-                "ready": self.ready,
-                "source_subscribed": self.source.subscribed,
-                "target_connected": [link.connected for link in self.pool.links],
-            }
-        )
-        return (200 if self.ready else 503), "application/json", body + b"\n"
 
     async def serve(self, stop: asyncio.Event) -> bool:
         """Run until ``stop`` is set, then leave gracefully. True when fully drained."""
@@ -393,7 +289,7 @@ class Bridge:
                 bytes=self.archive.buffered,
                 note="the deadline passed before these records reached S3",
             )
-        await asyncio.shield(self.pool.close())
+        await asyncio.shield(self.target.close())
         # Decide at the last moment, with reading stopped: a message that came in after
         # the drain (a reconnect, a late queue flush) must keep the session alive.
         self.source.stop_reading()
@@ -428,45 +324,3 @@ class Bridge:
                 ready=self.ready,
                 **self.stats.summary(),
             )
-
-
-def make_pool(cfg: BridgeConfig, on_done: OnDone, client_tag: str = "tgt") -> TargetPool:
-    """The target connections of ``cfg``: paced, windowed, one client id each."""
-    tgt = cfg.target
-    endpoint = endpoint_of(tgt)
-    limits = tgt.limits
-    pacing = Pacing(limits.publish_rate, limits.bytes_rate, limits.burst, limits.connect_interval)
-    base = (
-        tgt.client_id
-        if tgt.client_id and client_tag == "tgt"
-        else f"{cfg.instance_id}-{client_tag}"
-    )
-    return TargetPool(
-        [
-            TargetLink(
-                i,
-                endpoint,
-                SessionOptions(
-                    client_id=f"{base}-{i}",
-                    protocol=protocol_level(tgt),
-                    # The bridge retransmits what was in flight itself; a stored
-                    # session on the target would only add a second copy.
-                    clean_start=True,
-                    session_expiry=tgt.session_expiry,
-                    keepalive=tgt.keepalive,
-                    username=tgt.username,
-                    password=_password(tgt),
-                ),
-                window=min(cfg.flow.max_inflight, limits.inflight or 65535),
-                connect_timeout=tgt.connect_timeout,
-                pacing=pacing,
-                on_done=on_done,
-            )
-            for i in range(tgt.connections)
-        ]
-    )
-
-
-def _password(broker: BrokerConfig) -> bytes | None:
-    secret = broker.password
-    return secret.get_secret_value().encode() if secret is not None else None

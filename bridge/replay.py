@@ -18,29 +18,28 @@ import sys
 import time
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 from urllib.parse import urlsplit
 
 import orjson
 import structlog
 
 from bridge import mqtt_codec as codec
-from bridge.backup import DEAD_LETTER, properties_from_json
+from bridge.acks import Pending
+from bridge.archive import DEAD_LETTER, properties_from_json
 from bridge.config import HOP_MARKER, BridgeConfig
-from bridge.flow import AckQueue
-from bridge.message import Envelope, Pending
+from bridge.message import Envelope
+from bridge.outcome import DELIVERED, Outcome
 from bridge.pacing import TokenBucket
-from bridge.pipeline import make_pool
-from bridge.pool import DELIVERED
+from bridge.policy import POISON_DROPS
 from bridge.routing import TopicFilter
+from bridge.wiring import make_target
 
 REPLAY_MARKER = "bridge-replay"
 _PARTITION = re.compile(
     r"dt=(\d{4}-\d{2}-\d{2})/hour=(\d{2})/(?:.*/)?([^/]+)-(\d+)-(\d+)\.jsonl\.gz$"
 )
 _REQUIRED = ("topic", "target_topic", "payload_b64", "qos", "retain", "received_at")
-# The pool reports outcomes through on_done; replay has no source to acknowledge.
-_NO_SOURCE = cast("AckQueue", None)
 
 
 @dataclass
@@ -130,6 +129,10 @@ def _parse_object(raw: bytes) -> list[dict[str, Any]]:
     return records
 
 
+def _no_source(pending: Pending) -> None:
+    """Replay has no source acknowledgement to release."""
+
+
 class Replayer:
     def __init__(self, cfg: BridgeConfig, opts: ReplayOptions) -> None:
         self.cfg = cfg
@@ -165,7 +168,7 @@ class Replayer:
                 for key in keys:
                     await self._replay_object(client, bucket, key, None)
             else:
-                async with make_pool(self.cfg, self._on_done, client_tag="replay") as pool:
+                async with make_target(self.cfg, self._on_done, client_tag="replay") as pool:
                     for key in keys:
                         await self._replay_object(client, bucket, key, pool)
                     while self._outstanding:
@@ -250,7 +253,8 @@ class Replayer:
             ]
         qos = min(int(record["qos"]), 1)
         msg = codec.Publish(record["topic"], payload, qos, bool(record["retain"]), False, 0, props)
-        pending = Pending(_NO_SOURCE, 0, qos, len(payload), 0)
+        # No source to acknowledge: the target's outcome (``_on_done``) is the end of it.
+        pending = Pending(0, qos, len(payload), 0, _no_source)
         env = Envelope(
             source_topic=record["topic"], topic=topic.encode(), payload=payload, qos=qos,
             retain=bool(record["retain"]), properties=props, received_at=0.0, expires_at=None,
@@ -259,13 +263,17 @@ class Replayer:
         self._outstanding += 1
         pool.submit(env)
 
-    def _on_done(self, env: Envelope, outcome: int) -> None:
+    def _on_done(self, env: Envelope, outcome: Outcome) -> None:
         self._outstanding -= 1
-        if outcome == DELIVERED:
+        if outcome is DELIVERED:
             self.summary.published += 1
         else:
             self.summary.rejected += 1
-            self._log.warning("replay.rejected", topic=env.topic.decode(), outcome=outcome)
+            self._log.warning(
+                "replay.rejected",
+                topic=env.topic.decode(),
+                reason=outcome.dead_letter_reason(POISON_DROPS)[0],
+            )
         if self._outstanding < self.cfg.flow.max_inflight:
             self._room.set()
         if not self._outstanding:

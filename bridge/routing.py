@@ -188,3 +188,12 @@ def patterns_overlap(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
         return False
 
     return overlap(0, 0)
+
+
+def plan_subscriptions(
+    filters: list[tuple[str, int]], per_connection: int | None
+) -> list[list[tuple[str, int]]]:
+    """Spread subscriptions over as few connections as the per-connection cap allows."""
+    if not per_connection or len(filters) <= per_connection:
+        return [filters]
+    return [filters[i : i + per_connection] for i in range(0, len(filters), per_connection)]

@@ -4,9 +4,6 @@ tasks in one TaskGroup, started on enter and cancelled on exit."""
 from __future__ import annotations
 
 import asyncio
-import math
-import random
-import time
 from collections.abc import Coroutine
 from types import TracebackType
 from typing import Any, Self
@@ -43,35 +40,3 @@ class Service:
         task = self._tg.create_task(coro, name=name)
         self._tasks.append(task)
         return task
-
-
-class ConnectPacer:
-    """At most one CONNECT per ``interval`` for one client id, with jitter so that many
-    workers restarted at once spread their CONNECTs (AWS IoT Core: 1/s per client id)."""
-
-    def __init__(self, interval: float) -> None:
-        self.interval = interval
-        self._last = -math.inf
-
-    async def wait(self) -> None:
-        if self.interval:
-            wait = self._last + self.interval - time.monotonic()
-            await asyncio.sleep(max(0.0, wait) + random.uniform(0, self.interval / 2))
-        self._last = time.monotonic()
-
-
-class Backoff:
-    """Capped exponential backoff with full jitter (no thundering herd after an outage)."""
-
-    def __init__(self, initial: float = 0.2, cap: float = 10.0) -> None:
-        self.initial = initial
-        self.cap = cap
-        self.attempt = 0
-
-    def next_delay(self) -> float:
-        ceiling = min(self.cap, self.initial * 2**self.attempt)
-        self.attempt += 1
-        return random.uniform(ceiling / 2, ceiling)
-
-    def reset(self) -> None:
-        self.attempt = 0

@@ -10,30 +10,23 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-import structlog
-
+from bridge.acks import AckQueue
 from bridge.errors import ConnectionFailed
-from bridge.flow import AckQueue, Flow
+from bridge.flow import Flow
+from bridge.link import Connection, ConnectionFactory, Link, LinkStats
 from bridge.mqtt import Endpoint, MqttConnection, SessionOptions
-from bridge.mqtt_codec import SESSION_TAKEN_OVER, TAKEOVER_HINT, Publish, reason_name
-from bridge.service import Backoff, ConnectPacer, Service
+from bridge.mqtt_codec import SESSION_TAKEN_OVER, Publish, reason_name
+from bridge.service import Service
 from bridge.stats import Stats
 
 Handler = Callable[[AckQueue, Publish], bool]
 
 
-def plan_subscriptions(
-    filters: list[tuple[str, int]], per_connection: int | None
-) -> list[list[tuple[str, int]]]:
-    """Spread subscriptions over as few connections as the per-connection cap allows."""
-    if not per_connection or len(filters) <= per_connection:
-        return [filters]
-    return [filters[i : i + per_connection] for i in range(0, len(filters), per_connection)]
-
-
-class SourceLink:
+class SourceLink(Link):
     """One source connection: connects with clean start off, so a restarted worker
     resumes its session and gets back what it had not acknowledged."""
+
+    side = "source"
 
     def __init__(
         self,
@@ -47,57 +40,40 @@ class SourceLink:
         handler: Handler,
         connect_timeout: float,
         stats: Stats,
+        factory: ConnectionFactory = MqttConnection,
     ) -> None:
-        self.index = index
-        self.endpoint = endpoint
-        self.options = options
+        super().__init__(index, endpoint, options, connect_timeout, connect_interval, factory)
         self.subscriptions = subscriptions
         self.per_subscribe = per_subscribe or len(subscriptions)
-        self._pacer = ConnectPacer(connect_interval)
         self.flow = flow
         self.subscribed = False
-        self.reconnects = 0
         self.last_received = 0.0
         self._handler = handler
-        self._connect_timeout = connect_timeout
         self._stats = stats
-        self._conn: MqttConnection | None = None
+        self._conn: Connection | None = None
         self._acks: AckQueue | None = None
-        self._leaving = False
-        self._log = structlog.get_logger().bind(side="source", connection=index)
 
-    async def run(self) -> None:
-        backoff = Backoff()
-        while not self._leaving:
-            await self._pacer.wait()
-            conn = MqttConnection(self.options, self)
-            self._conn, self._acks = conn, AckQueue(self.flow, conn, self._stats)
-            try:
-                await conn.connect(self.endpoint, self._connect_timeout)
-                self._log.info(
-                    "source.connected",
-                    endpoint=str(self.endpoint),
-                    client_id=self.options.client_id,
-                    session_present=conn.session_present,
-                )
-                if self._leaving:
-                    return  # told to leave while connecting: take nothing new
-                await self._subscribe(conn)
-            except ConnectionFailed as exc:
-                conn.abort()
-                delay = backoff.next_delay()
-                self._log.warning("source.connect_failed", error=str(exc), retry_in=round(delay, 2))
-                await asyncio.sleep(delay)
-                continue
-            await conn.wait_closed()
-            if self._leaving:
-                return
-            self.reconnects += 1
-            if conn.disconnect_reason != SESSION_TAKEN_OVER:
-                backoff.reset()  # a takeover keeps growing the delay: two owners must not ping-pong
-            await asyncio.sleep(backoff.next_delay())
+    def stats(self) -> LinkStats:
+        return LinkStats(self.index, self.subscribed, self.reconnects)
 
-    async def _subscribe(self, conn: MqttConnection) -> None:
+    # ---- link hooks ----------------------------------------------------------------
+
+    def _on_new(self, conn: Connection) -> None:
+        # Messages of a resumed session may arrive right after CONNACK, before SUBACK.
+        self._conn, self._acks = conn, AckQueue(self.flow, conn, self._stats)
+
+    async def _on_connect(self, conn: Connection) -> None:
+        self._log.info(
+            "source.connected",
+            endpoint=str(self.endpoint),
+            client_id=self.options.client_id,
+            session_present=conn.session_present,
+        )
+        if self._stopping:
+            return  # told to leave while connecting: take nothing new
+        await self._subscribe(conn)
+
+    async def _subscribe(self, conn: Connection) -> None:
         refused = []
         step = self.per_subscribe
         for start in range(0, len(self.subscriptions), step):
@@ -122,39 +98,34 @@ class SourceLink:
 
     # ---- mqtt.Listener -------------------------------------------------------------
 
-    def on_message(self, conn: MqttConnection, msg: Publish) -> bool:
+    def on_message(self, conn: Connection, msg: Publish) -> bool:
         acks = self._acks
         if conn is not self._conn or acks is None:
             return True
         self.last_received = conn.last_rx
         return self._handler(acks, msg)
 
-    def on_puback(self, conn: MqttConnection, packet_id: int, reason_code: int) -> None:
+    def on_puback(self, conn: Connection, packet_id: int, reason_code: int) -> None:
         """The source side never publishes."""
 
-    def on_writable(self, conn: MqttConnection, writable: bool) -> None:
+    def on_writable(self, conn: Connection, writable: bool) -> None:
         """Only PUBACKs go out on this side; they are bounded by the flow."""
 
-    def on_connection_lost(self, conn: MqttConnection, exc: BaseException | None) -> None:
+    def on_connection_lost(self, conn: Connection, exc: BaseException | None) -> None:
         if conn is not self._conn:
             return
         if self._acks is not None:
             self._acks.detach()
         was_subscribed, self.subscribed = self.subscribed, False
-        if conn.disconnect_reason == SESSION_TAKEN_OVER:
-            self._log.error(
-                "source.session_taken_over",
-                client_id=self.options.client_id,
-                hint=TAKEOVER_HINT,
-            )
-        elif was_subscribed and not self._leaving:
+        taken_over = conn.disconnect_reason == SESSION_TAKEN_OVER  # the link says so once
+        if was_subscribed and not self._stopping and not taken_over:
             self._log.warning("source.disconnected", reason=str(exc) if exc else "closed")
 
     # ---- graceful leave ------------------------------------------------------------
 
     def stop_taking(self) -> None:
         """From now on, no reconnect and no new subscription."""
-        self._leaving = True
+        self._stopping = True
 
     def stop_reading(self) -> None:
         if self._conn is not None:
@@ -178,7 +149,7 @@ class SourceLink:
             self._log.warning("source.unsubscribe_failed", error=str(exc))
 
     async def close(self, session_expiry: int | None) -> None:
-        self._leaving = True
+        self._stopping = True
         conn = self._conn
         if conn is not None:
             await conn.disconnect(session_expiry=session_expiry)
@@ -202,9 +173,8 @@ class Source(Service):
     def subscribed(self) -> bool:
         return all(link.subscribed for link in self.links)
 
-    @property
-    def reconnects(self) -> int:
-        return sum(link.reconnects for link in self.links)
+    def connections(self) -> list[LinkStats]:
+        return [link.stats() for link in self.links]
 
     @property
     def last_received(self) -> float:

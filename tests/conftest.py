@@ -9,7 +9,7 @@ from typing import Any
 import boto3
 import pytest
 
-from bench.harness import Mosquitto, Worker, bridge_config
+from tests.harness import Mosquitto, Worker, bridge_config
 
 _counter = itertools.count()
 

@@ -2,7 +2,7 @@
 chosen reason codes, and a proxy that timestamps every PUBLISH a client sends.
 
 Both run their own event loop in a thread, so blocking test code can drive them.
-They use the bridge's framing helpers only to split the byte stream into packets;
+They use the bridge's framing function only to split the byte stream into packets;
 what they record (topics, payloads, times) is checked by the test's own oracle.
 """
 
@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.harness import free_port, wait_until
 from bridge import mqtt_codec as codec
+from tests.harness import free_port, wait_until
 
 
 class _LoopThread:

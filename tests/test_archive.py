@@ -17,7 +17,8 @@ import yaml
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from bench.harness import (
+from tests.conftest import S3, Rig
+from tests.harness import (
     ROOT,
     Collector,
     Mosquitto,
@@ -25,7 +26,6 @@ from bench.harness import (
     check,
     wait_until,
 )
-from tests.conftest import S3, Rig
 
 KEY = re.compile(r"^arch/dtb/dt=\d{4}-\d{2}-\d{2}/hour=\d{2}/w-0-\d{13}-\d{6}\.jsonl\.gz$")
 

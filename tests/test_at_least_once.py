@@ -5,8 +5,8 @@ from __future__ import annotations
 import signal
 import time
 
-from bench.harness import Collector, Publisher, Worker, bridge_config, check, wait_until
 from tests.conftest import Rig
+from tests.harness import Collector, Publisher, Worker, bridge_config, check, wait_until
 
 
 def test_two_workers_share_group_survive_kill9(rig: Rig) -> None:

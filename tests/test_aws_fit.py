@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bench.harness import Collector, Mosquitto, Publisher, Worker, bridge_config, check, wait_until
 from bridge.cli import main
 from tests.conftest import Rig
 from tests.fakes import CountingProxy, FakeTarget, max_in_window
+from tests.harness import Collector, Mosquitto, Publisher, Worker, bridge_config, check, wait_until
 
 
 def test_four_paced_connections_never_exceed_their_rate_and_keep_topic_order(rig: Rig) -> None:

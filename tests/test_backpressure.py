@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import time
 
-from bench.harness import Collector, Publisher, check, wait_until
 from tests.conftest import Rig
+from tests.harness import Collector, Publisher, check, wait_until
 
 
 def test_target_down_5s_loses_nothing_and_respects_max_inflight(rig: Rig) -> None:

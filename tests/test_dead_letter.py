@@ -6,8 +6,8 @@ from __future__ import annotations
 import signal
 import time
 
-from bench.harness import Collector, Mosquitto, Publisher, Worker, bridge_config, check, wait_until
 from tests.conftest import Rig
+from tests.harness import Collector, Mosquitto, Publisher, Worker, bridge_config, check, wait_until
 
 
 def test_target_rejection_is_dead_lettered_and_the_stream_flows(rig: Rig) -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import signal
 import time
 
-from bench.harness import Collector, Publisher, Worker, bridge_config, check, free_port, wait_until
 from tests.conftest import Rig
+from tests.harness import Collector, Publisher, Worker, bridge_config, check, free_port, wait_until
 
 
 def test_sigterm_with_backlog_exits_clean_without_loss_or_duplicates(rig: Rig) -> None:

@@ -8,8 +8,8 @@ import time
 import urllib.error
 import urllib.request
 
-from bench.harness import ROOT, Collector, Publisher, Worker, bridge_config, wait_until
 from tests.conftest import Rig
+from tests.harness import ROOT, Collector, Publisher, Worker, bridge_config, wait_until
 
 CATALOGUE = [
     "received_total", "published_total", "acknowledged_total", "dropped_total",

@@ -8,8 +8,8 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from bench.harness import Collector, Publisher, Worker, bridge_config, check, wait_until
 from tests.conftest import Rig
+from tests.harness import Collector, Publisher, Worker, bridge_config, check, wait_until
 
 HOP = "mqtt-bridge-hop"
 

@@ -13,7 +13,10 @@ from pathlib import Path
 import pytest
 import trustme
 
-from bench.harness import (
+from bridge.config import TlsConfig
+from bridge.mqtt import Endpoint, MqttConnection
+from tests.conftest import Rig
+from tests.harness import (
     Collector,
     Mosquitto,
     Publisher,
@@ -23,9 +26,6 @@ from bench.harness import (
     free_port,
     wait_until,
 )
-from bridge.config import TlsConfig
-from bridge.mqtt import Endpoint, MqttConnection
-from tests.conftest import Rig
 from tests.test_codec import OPTIONS, Recorder
 
 

@@ -1,6 +1,6 @@
 """The S3 archive: every bridged message, as gzip-compressed JSON Lines, Hive-style keys.
 
-Record (one line per message; replay, Athena and the tests read it):
+Record (one line per message; ``record()`` writes it, replay, Athena and the tests read it):
     topic, target_topic, payload_b64, qos, retain, properties, received_at,
     direction, instance, route            (+ reason, for dead letters)
 Key:
@@ -19,7 +19,6 @@ import base64
 import contextlib
 import datetime as dt
 import gzip
-import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,7 +28,9 @@ import orjson
 import structlog
 
 from bridge import mqtt_codec as codec
-from bridge.service import Backoff, Service
+from bridge.link import Backoff
+from bridge.message import Envelope
+from bridge.service import Service
 
 ARCHIVE = "archive"
 DEAD_LETTER = "dead-letter"
@@ -64,6 +65,23 @@ def properties_from_json(obj: dict[str, Any]) -> codec.Properties:
     if "user_properties" in obj:
         props[codec.USER_PROPERTY] = [(str(k), str(v)) for k, v in obj["user_properties"]]
     return props
+
+
+def record(env: Envelope, direction: str, instance: str, route: str) -> dict[str, Any]:
+    """The archive record of a message: what the source sent, and where it went."""
+    msg = env.source
+    return {
+        "topic": msg.topic,
+        "target_topic": env.topic.decode(),
+        "payload_b64": base64.b64encode(msg.payload).decode(),
+        "qos": msg.qos,
+        "retain": msg.retain,
+        "properties": properties_to_json(msg.properties),
+        "received_at": env.received_epoch,
+        "direction": direction,
+        "instance": instance,
+        "route": route,
+    }
 
 
 def object_key(
@@ -256,7 +274,3 @@ class S3Archive(Service):
 def _short(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
     return text if len(text) < 200 else text[:200] + "…"
-
-
-def epoch() -> float:
-    return time.time()

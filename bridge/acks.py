@@ -1,0 +1,94 @@
+"""Source acknowledgements and their owner: a message's place in line, and the line.
+
+A ``Pending`` is what must finish before a source message may be acknowledged; it
+carries the callback that finishes it, so whoever completes a message (the target's
+answer, the archive, the dead-letter sink) needs no idea of who acknowledges it. The
+live flow's owner is an ``AckQueue`` per source connection; replay passes its own
+callback and has no source at all.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from bridge.flow import Flow
+from bridge.stats import Stats
+
+
+class Acknowledger(Protocol):
+    """The source connection, as far as acknowledgements go."""
+
+    def puback(self, packet_id: int) -> None: ...
+
+
+@dataclass(slots=True, eq=False)
+class Pending:
+    """A source message's place in line for its acknowledgement."""
+
+    packet_id: int
+    qos: int
+    size: int
+    route: int
+    on_done: Callable[[Pending], None]  # called once every hold is released
+    done: bool = False
+    # What must finish before the source acknowledgement: the target's answer, and in
+    # `required` archive mode also the S3 object holding the record.
+    holds: int = 1
+
+    def finish(self) -> None:
+        """Release one hold (the target answered, the archive wrote, the dead letter landed)."""
+        self.on_done(self)
+
+
+class AckQueue:
+    """Acknowledges one source connection's messages in arrival order (MQTT-4.6.0-2).
+
+    A message finished out of order waits for those before it. When the connection is
+    gone, finished messages only free their room: the broker redelivers them to the
+    resumed session, which the counters record as duplicates downstream.
+    """
+
+    def __init__(self, flow: Flow, conn: Acknowledger, stats: Stats) -> None:
+        self._flow = flow
+        self._queue: deque[Pending] = deque()
+        self.conn: Acknowledger | None = conn
+        self._stats = stats
+        # Bound once: every Pending of this connection carries the same callback.
+        self.complete_one: Callable[[Pending], None] = self.complete
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def admit(self, packet_id: int, qos: int, size: int, route: int) -> Pending:
+        """A new message in line behind the ones already here."""
+        pending = Pending(packet_id, qos, size, route, self.complete_one)
+        self._queue.append(pending)
+        return pending
+
+    def complete(self, pending: Pending) -> None:
+        pending.holds -= 1
+        if pending.holds:
+            return
+        pending.done = True
+        queue = self._queue
+        if queue[0] is not pending:
+            return
+        conn = self.conn
+        release = self._flow.release
+        stats = self._stats
+        while queue and queue[0].done:
+            head = queue.popleft()
+            if conn is None:
+                stats.abandoned += 1
+            else:
+                if head.qos:
+                    conn.puback(head.packet_id)
+                stats.acknowledged += 1
+            release(head.size)
+
+    def detach(self) -> None:
+        """The connection is lost: later completions must not be acknowledged on another."""
+        self.conn = None

@@ -1,0 +1,199 @@
+"""One connection's life, written once for both sides: pace the CONNECT, connect, hand
+the connection to its owner, wait until it closes, back off, connect again.
+
+A connection never reconnects itself (``mqtt.py``); a link does, the way Benthos'
+``AsyncReader`` owns reconnects for its inputs. What a side does with a fresh
+connection (subscribe, resume publishing) and with a lost one (requeue, detach the
+acknowledgements) are its two hooks. The connection comes from an injected factory, so
+a link runs in-process against a fake connection in the tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import structlog
+
+from bridge.errors import ConnectionFailed
+from bridge.mqtt import Endpoint, Listener, SessionOptions
+from bridge.mqtt_codec import SESSION_TAKEN_OVER, Properties, Publish
+
+# Logged with every takeover: the usual cause at 3 a.m.
+TAKEOVER_HINT = "another connection uses this client id: do two workers share an instance_id?"
+
+
+class Connection(Protocol):
+    """What a link uses of one MQTT connection (``mqtt.MqttConnection`` in production)."""
+
+    session_present: bool
+    disconnect_reason: int | None
+
+    @property
+    def is_open(self) -> bool: ...
+    @property
+    def closed_by_us(self) -> bool: ...
+    @property
+    def server_receive_maximum(self) -> int: ...
+    @property
+    def has_unread(self) -> bool: ...
+    @property
+    def last_rx(self) -> float: ...
+
+    async def connect(self, endpoint: Endpoint, timeout: float = 10.0) -> None: ...
+    async def wait_closed(self) -> None: ...
+    async def disconnect(self, session_expiry: int | None = None, timeout: float = 2.0) -> None: ...
+    def abort(self) -> None: ...
+    def publish(
+        self,
+        topic: bytes,
+        payload: bytes,
+        qos: int,
+        retain: bool,
+        properties: Properties | bytes | None = None,
+    ) -> int: ...
+    def puback(self, packet_id: int) -> None: ...
+    async def subscribe(
+        self, filters: list[tuple[str, int]], retain_as_published: bool, timeout: float = 10.0
+    ) -> list[int]: ...
+    async def unsubscribe(self, filters: list[str], timeout: float = 10.0) -> list[int]: ...
+    def resume(self) -> None: ...
+    def stop_reading(self) -> None: ...
+
+
+ConnectionFactory = Callable[[SessionOptions, Listener], Connection]
+
+
+@dataclass(frozen=True, slots=True)
+class LinkStats:
+    """One connection as metrics and readiness see it (read at scrape time)."""
+
+    index: int
+    up: bool  # target: connected; source: subscribed
+    reconnects: int
+    published: int = 0
+    window: int = 0
+    rate_limit: float = 0.0  # 0: unpaced
+    throttled: dict[str, int] = field(default_factory=dict)
+    disconnects: dict[str, int] = field(default_factory=dict)
+
+
+class ConnectPacer:
+    """At most one CONNECT per ``interval`` for one client id, with jitter so that many
+    workers restarted at once spread their CONNECTs (AWS IoT Core: 1/s per client id)."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._last = -math.inf
+
+    async def wait(self) -> None:
+        if self.interval:
+            wait = self._last + self.interval - time.monotonic()
+            await asyncio.sleep(max(0.0, wait) + random.uniform(0, self.interval / 2))
+        self._last = time.monotonic()
+
+
+class Backoff:
+    """Capped exponential backoff with full jitter (no thundering herd after an outage)."""
+
+    def __init__(self, initial: float = 0.2, cap: float = 10.0) -> None:
+        self.initial = initial
+        self.cap = cap
+        self.attempt = 0
+
+    def next_delay(self) -> float:
+        ceiling = min(self.cap, self.initial * 2**self.attempt)
+        self.attempt += 1
+        return random.uniform(ceiling / 2, ceiling)
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+class Link:
+    """Base of ``SourceLink`` and ``TargetLink``: the reconnect loop and what it counts.
+
+    Subclasses set ``side`` and implement ``_on_connect`` (awaited after a successful
+    CONNACK; raising ConnectionFailed counts as a failed connect) and the
+    ``mqtt.Listener`` callbacks.
+    """
+
+    side = "link"
+
+    def __init__(
+        self,
+        index: int,
+        endpoint: Endpoint,
+        options: SessionOptions,
+        connect_timeout: float,
+        connect_interval: float,
+        factory: ConnectionFactory,
+    ) -> None:
+        self.index = index
+        self.endpoint = endpoint
+        self.options = options
+        self.connect_timeout = connect_timeout
+        self.reconnects = 0
+        self._factory = factory
+        self._pacer = ConnectPacer(connect_interval)
+        self._stopping = False
+        self._log = structlog.get_logger().bind(side=self.side, connection=index)
+
+    async def run(self) -> None:
+        backoff = Backoff()
+        while not self._stopping:
+            await self._pacer.wait()
+            conn = self._factory(self.options, self)
+            try:
+                self._on_new(conn)
+                await conn.connect(self.endpoint, self.connect_timeout)
+                await self._on_connect(conn)
+            except ConnectionFailed as exc:
+                conn.abort()
+                delay = backoff.next_delay()
+                self._log.warning(
+                    f"{self.side}.connect_failed", error=str(exc), retry_in=round(delay, 2)
+                )
+                await asyncio.sleep(delay)
+                continue
+            await conn.wait_closed()
+            taken_over = conn.disconnect_reason == SESSION_TAKEN_OVER
+            if taken_over:
+                self._log.error(
+                    f"{self.side}.session_taken_over",
+                    client_id=self.options.client_id,
+                    hint=TAKEOVER_HINT,
+                )
+            if self._stopping:
+                return
+            self.reconnects += 1
+            if not taken_over:
+                backoff.reset()  # a takeover keeps growing the delay: two owners must not ping-pong
+            await asyncio.sleep(backoff.next_delay())
+
+    # ---- mqtt.Listener: what every side answers --------------------------------------
+
+    def on_message(self, conn: Connection, msg: Publish) -> bool:
+        raise NotImplementedError
+
+    def on_puback(self, conn: Connection, packet_id: int, reason_code: int) -> None:
+        raise NotImplementedError
+
+    def on_writable(self, conn: Connection, writable: bool) -> None:
+        raise NotImplementedError
+
+    def on_connection_lost(self, conn: Connection, exc: BaseException | None) -> None:
+        raise NotImplementedError
+
+    # ---- hooks ---------------------------------------------------------------------
+
+    def _on_new(self, conn: Connection) -> None:
+        """A connection is about to connect (the source takes messages from CONNACK on)."""
+
+    async def _on_connect(self, conn: Connection) -> None:
+        raise NotImplementedError

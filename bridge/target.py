@@ -1,0 +1,307 @@
+"""The target side: a named contract, and the pool of paced MQTT connections behind it.
+
+``Target`` is what the pipeline writes to (Benthos' output contract): enter to connect,
+``submit`` an envelope, and its ``Outcome`` comes back through the ``on_done`` callback
+given at construction — the ack carries the write's result. ``ready`` and
+``connections()`` are what readiness and metrics read.
+
+``TargetPool`` is the MQTT implementation. A topic always goes to the same connection
+(CRC32 of the topic), and a connection publishes in submission order, so order per
+source topic holds with several connections. Messages in flight when a connection
+drops were never acknowledged at the source; they are republished, in order, after it
+reconnects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+import zlib
+from collections import Counter, deque
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from bridge import mqtt_codec as codec
+from bridge.errors import PacketTooLarge
+from bridge.link import Connection, ConnectionFactory, Link, LinkStats
+from bridge.message import Envelope
+from bridge.mqtt import Endpoint, MqttConnection, SessionOptions
+from bridge.mqtt_codec import Publish
+from bridge.outcome import DELIVERED, EXPIRED, POISON, TOO_LARGE, UNENCODABLE, Outcome
+from bridge.pacing import Pacer, Pacing
+from bridge.policy import POISON_DROPS, on_connection_lost, puback_outcome, remaining_expiry
+from bridge.service import Service
+
+OnDone = Callable[[Envelope, Outcome], None]
+
+
+class Target(Protocol):
+    """Where envelopes go. Every submitted envelope gets exactly one outcome."""
+
+    async def __aenter__(self) -> Any: ...
+    async def __aexit__(self, *exc_info: Any) -> bool | None: ...
+
+    def submit(self, env: Envelope) -> None:
+        """Queue ``env``; never blocks (the flow bounds what can be queued)."""
+        ...
+
+    @property
+    def ready(self) -> bool:
+        """Every connection is up."""
+        ...
+
+    def connections(self) -> list[LinkStats]: ...
+
+    async def close(self) -> None:
+        """Disconnect; envelopes still queued get no outcome (their sources redeliver)."""
+        ...
+
+
+class TargetLink(Link):
+    """One target connection: a paced, windowed queue that survives reconnects."""
+
+    side = "target"
+
+    def __init__(
+        self,
+        index: int,
+        endpoint: Endpoint,
+        options: SessionOptions,
+        window: int,
+        connect_timeout: float,
+        pacing: Pacing,
+        on_done: OnDone,
+        factory: ConnectionFactory = MqttConnection,
+    ) -> None:
+        super().__init__(
+            index, endpoint, options, connect_timeout, pacing.connect_interval, factory
+        )
+        self._loop = asyncio.get_running_loop()
+        self.pacer = Pacer(pacing, window, self._loop.time())
+        self.queue: deque[Envelope] = deque()
+        self.inflight: dict[int, Envelope] = {}
+        self.conn: Connection | None = None
+        self.published = 0
+        self.throttled: Counter[str] = Counter()
+        self.disconnects: Counter[str] = Counter()
+        self._on_done = on_done
+        self._writable = True
+        # After a drop with messages in flight, publish one at a time until a PUBACK
+        # arrives (policy.on_connection_lost says why).
+        self._probing = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._seq = 0
+
+    @property
+    def connected(self) -> bool:
+        return self.conn is not None
+
+    def stats(self) -> LinkStats:
+        return LinkStats(
+            self.index,
+            self.connected,
+            self.reconnects,
+            self.published,
+            self.pacer.window,
+            self.pacer.rate_limit,
+            dict(self.throttled),
+            dict(self.disconnects),
+        )
+
+    def submit(self, env: Envelope) -> None:
+        env.seq = self._seq
+        self._seq += 1
+        self.queue.append(env)
+        if len(self.queue) == 1:
+            # Publish at once: a QoS 0 message then finishes within the read that brought
+            # it, so its flow slot is free for the next one (deferring the pump to the
+            # next loop iteration made one big read overflow the bound: measured).
+            self._pump()
+
+    def _requeue(self, envs: list[Envelope]) -> None:
+        """Put envelopes back where they were: submission order holds through retries."""
+        self.queue = deque(sorted([*envs, *self.queue], key=lambda e: e.seq))
+
+    def _pump(self) -> None:
+        conn = self.conn
+        if conn is None or self._timer is not None:
+            return
+        queue = self.queue
+        inflight = self.inflight
+        pacer = self.pacer
+        window = 1 if self._probing else pacer.window
+        now = self._loop.time()
+        while queue and len(inflight) < window and self._writable:
+            env = queue[0]
+            if env.drops >= POISON_DROPS:
+                queue.popleft()
+                self._on_done(env, POISON)
+                continue
+            if pacer.paced:
+                wait = pacer.delay(len(env.payload), now)
+                if wait:
+                    self._timer = self._loop.call_later(wait, self._resume)
+                    return
+            queue.popleft()
+            self._send(conn, env, now)
+
+    def _send(self, conn: Connection, env: Envelope, now: float) -> None:
+        props = env.properties
+        if env.expires_at is not None:
+            remaining = remaining_expiry(env.expires_at, now)
+            if remaining <= 0:
+                self._on_done(env, EXPIRED)
+                return
+            # An expiry only comes with a properties dict, never the encoded marker.
+            props = dict(props) if isinstance(props, dict) else {}
+            props[codec.MESSAGE_EXPIRY] = remaining
+        try:
+            packet_id = conn.publish(env.topic, env.payload, env.qos, env.retain, props)
+        except PacketTooLarge:
+            self._on_done(env, TOO_LARGE)
+            return
+        except (struct.error, ValueError, OverflowError):
+            self._on_done(env, UNENCODABLE)
+            return
+        env.sent_at = now
+        if packet_id:
+            self.inflight[packet_id] = env
+        else:
+            # QoS 0 has no acknowledgement: handing it to the socket is all there is.
+            self.published += 1
+            self._on_done(env, DELIVERED)
+
+    def _resume(self) -> None:
+        self._timer = None
+        self._pump()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    # ---- link hooks ----------------------------------------------------------------
+
+    async def _on_connect(self, conn: Connection) -> None:
+        self.conn = conn
+        self._writable = True
+        self.pacer.connected(conn.server_receive_maximum, self._loop.time())
+        self._log.info(
+            "target.connected",
+            endpoint=str(self.endpoint),
+            client_id=self.options.client_id,
+            window=self.pacer.window,
+            pending=len(self.queue),
+        )
+        self._pump()
+
+    # ---- mqtt.Listener -------------------------------------------------------------
+
+    def on_message(self, conn: Connection, msg: Publish) -> bool:
+        self._log.warning("target.unexpected_publish", topic=msg.topic)
+        if msg.qos:
+            conn.puback(msg.packet_id)
+        return True
+
+    def on_puback(self, conn: Connection, packet_id: int, reason_code: int) -> None:
+        env = self.inflight.pop(packet_id, None)
+        if env is None or conn is not self.conn:
+            return
+        self._probing = False
+        now = self._loop.time()
+        outcome = puback_outcome(reason_code)
+        if outcome is None:
+            self.throttled["quota_exceeded"] += 1
+            self.pacer.throttled(now)
+            self._requeue([env])
+            self._log.warning(
+                "target.throttled",
+                reason="quota exceeded (0x97)",
+                rate=self.pacer.rate_limit,
+                window=self.pacer.window,
+            )
+        else:
+            if outcome is DELIVERED:
+                self.published += 1
+            self.pacer.recover(now)
+            self._on_done(env, outcome)
+        self._pump()
+
+    def on_writable(self, conn: Connection, writable: bool) -> None:
+        self._writable = writable
+        if writable and conn is self.conn:
+            self._pump()
+
+    def on_connection_lost(self, conn: Connection, exc: BaseException | None) -> None:
+        if conn is not self.conn:
+            return
+        self.conn = None
+        self._cancel_timer()
+        reason = conn.disconnect_reason
+        if reason is not None:
+            self.disconnects[codec.reason_name(reason).replace(" ", "_")] += 1
+        now = self._loop.time()
+        lone = next(iter(self.inflight.values())) if len(self.inflight) == 1 else None
+        response = on_connection_lost(
+            reason,
+            inflight=len(self.inflight),
+            probing=self._probing,
+            lone_age=now - lone.sent_at if lone is not None else None,
+            closed_by_us=conn.closed_by_us,
+        )
+        if response.shrink_window:
+            self.pacer.shrink_window()
+            self._log.warning("target.window_shrunk", window=self.pacer.window)
+        if response.throttle:
+            self.throttled["disconnect_quota_exceeded"] += 1
+            self.pacer.throttled(now)
+        if response.strike and lone is not None:
+            lone.drops += 1
+        self._probing = response.probe
+        # In-flight messages go back into the queue in their original order.
+        self._requeue(list(self.inflight.values()))
+        self.inflight.clear()
+        if not self._stopping:
+            self._log.warning(
+                "target.disconnected",
+                reason=str(exc) if exc else "closed",
+                requeued=len(self.queue),
+            )
+
+    # ---- lifecycle -----------------------------------------------------------------
+
+    async def close(self) -> None:
+        self._stopping = True
+        self._cancel_timer()
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            await conn.disconnect()
+
+
+class TargetPool(Service):
+    """All target connections of one worker: the MQTT ``Target``."""
+
+    def __init__(self, links: list[TargetLink]) -> None:
+        super().__init__()
+        self.links = links
+
+    async def start(self) -> None:
+        for link in self.links:
+            self.spawn(link.run(), name=f"target-{link.index}")
+
+    def submit(self, env: Envelope) -> None:
+        links = self.links
+        if len(links) == 1:
+            links[0].submit(env)
+        else:
+            links[zlib.crc32(env.topic) % len(links)].submit(env)
+
+    @property
+    def ready(self) -> bool:
+        return all(link.connected for link in self.links)
+
+    def connections(self) -> list[LinkStats]:
+        return [link.stats() for link in self.links]
+
+    async def close(self) -> None:
+        await asyncio.gather(*(link.close() for link in self.links))
