@@ -256,6 +256,10 @@ class ShutdownConfig(Section):
     # After unsubscribing, the broker still flushes what it queued for our session;
     # the drain ends once nothing is in flight and nothing arrived for this long.
     quiet: Annotated[float, Field(gt=0)] = 0.5
+    # What happens to each source session on a graceful leave (bridge/leave.py):
+    # auto: shared subscriptions are given up and the session ended when drained; a
+    # session with a plain subscription is kept for the next start. keep | end: always.
+    session: Literal["auto", "keep", "end"] = "auto"
 
 
 class HttpConfig(Section):

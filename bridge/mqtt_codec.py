@@ -41,6 +41,8 @@ SUBSCRIPTION_ID = 0x0B
 SESSION_EXPIRY = 0x11
 ASSIGNED_CLIENT_ID = 0x12
 SERVER_KEEP_ALIVE = 0x13
+WILL_DELAY = 0x18
+SERVER_REFERENCE = 0x1C
 REASON_STRING = 0x1F
 RECEIVE_MAXIMUM = 0x21
 TOPIC_ALIAS_MAXIMUM = 0x22
@@ -218,6 +220,18 @@ def _packet(first_byte: int, body: bytes) -> bytes:
     return bytes((first_byte,)) + encode_varint(len(body)) + body
 
 
+@dataclass(frozen=True, slots=True)
+class Will:
+    """The message the broker publishes for us when we go away without DISCONNECT 0x00
+    (MQTT 5: after ``delay`` seconds, unless the session reconnects first)."""
+
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = True
+    delay: int = 0  # Will Delay Interval (MQTT 5 only)
+
+
 def encode_connect(
     *,
     client_id: str,
@@ -227,8 +241,11 @@ def encode_connect(
     username: str | None = None,
     password: bytes | None = None,
     properties: Properties | None = None,
+    will: Will | None = None,
 ) -> bytes:
     flags = 0x02 if clean_start else 0
+    if will is not None:
+        flags |= 0x04 | (will.qos << 3) | (0x20 if will.retain else 0)
     if username is not None:
         flags |= 0x80
     if password is not None:
@@ -237,6 +254,10 @@ def encode_connect(
     if protocol == PROTOCOL_5:
         body += encode_properties(properties)
     body += _utf8(client_id)
+    if will is not None:
+        if protocol == PROTOCOL_5:
+            body += encode_properties({WILL_DELAY: will.delay} if will.delay else None)
+        body += _utf8(will.topic) + _binary(will.payload)
     if username is not None:
         body += _utf8(username)
     if password is not None:
@@ -306,10 +327,17 @@ def encode_unsubscribe(packet_id: int, filters: list[str], protocol: int) -> byt
 PINGREQ_PACKET = b"\xc0\x00"
 
 
-def encode_disconnect(protocol: int, session_expiry: int | None = None) -> bytes:
-    if protocol != PROTOCOL_5 or session_expiry is None:
+# DISCONNECT reason: the broker publishes our Will (after its delay) instead of dropping it.
+DISCONNECT_WITH_WILL = 0x04
+
+
+def encode_disconnect(
+    protocol: int, session_expiry: int | None = None, reason_code: int = 0
+) -> bytes:
+    if protocol != PROTOCOL_5 or (session_expiry is None and not reason_code):
         return b"\xe0\x00"
-    return _packet(DISCONNECT << 4, b"\x00" + encode_properties({SESSION_EXPIRY: session_expiry}))
+    props = {SESSION_EXPIRY: session_expiry} if session_expiry is not None else None
+    return _packet(DISCONNECT << 4, bytes((reason_code,)) + encode_properties(props))
 
 
 @dataclass(slots=True)

@@ -267,7 +267,7 @@ class Bridge:
         drained = False
         try:
             async with asyncio.timeout(cfg.deadline):
-                await self.source.unsubscribe()
+                await self.source.begin_leave(cfg.session)
                 while True:
                     now = self._loop.time()
                     quiet = now - max(self.source.last_received, started) >= cfg.quiet
@@ -295,10 +295,9 @@ class Bridge:
         self.source.stop_reading()
         left = self.flow.messages
         drained = drained and left == 0 and not self.source.has_unread
-        # A drained MQTT 5 session is empty: tell the broker to drop it (expiry 0).
-        # Otherwise keep it, so the unfinished messages wait for this instance_id.
-        expiry = 0 if drained and self.cfg.source.protocol == "5" else None
-        await asyncio.shield(self.source.close(expiry))
+        # A drained MQTT 5 session whose subscriptions others take is empty: it ends
+        # (expiry 0). Otherwise it stays, so the unfinished messages wait for this id.
+        await asyncio.shield(self.source.close(drained, self.cfg.source.protocol == "5"))
         elapsed = round(self._loop.time() - started, 3)
         if drained:
             self.log.info("bridge.left", drained=True, seconds=elapsed, **self.stats.summary())

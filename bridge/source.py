@@ -13,6 +13,7 @@ from collections.abc import Callable
 from bridge.acks import AckQueue
 from bridge.errors import ConnectionFailed
 from bridge.flow import Flow
+from bridge.leave import LinkLeave, SessionMode, plan_leave
 from bridge.link import Connection, ConnectionFactory, Link, LinkStats
 from bridge.mqtt import Endpoint, MqttConnection, SessionOptions
 from bridge.mqtt_codec import SESSION_TAKEN_OVER, Publish, reason_name
@@ -135,18 +136,25 @@ class SourceLink(Link):
     def has_unread(self) -> bool:
         return self._conn is not None and self._conn.has_unread
 
-    async def unsubscribe(self) -> None:
-        """Stop taking new messages; what the broker already queued for us still comes."""
+    async def unsubscribe(self, filters: tuple[str, ...]) -> None:
+        """Give up ``filters``; what the broker already queued for us still comes."""
         conn = self._conn
         self.subscribed = False
-        if conn is None or not conn.is_open:
+        if conn is None or not conn.is_open or not filters:
             return
-        topics = [topic for topic, _ in self.subscriptions]
         try:
-            for start in range(0, len(topics), self.per_subscribe):
-                await conn.unsubscribe(topics[start : start + self.per_subscribe], timeout=5.0)
+            for start in range(0, len(filters), self.per_subscribe):
+                batch = list(filters[start : start + self.per_subscribe])
+                await conn.unsubscribe(batch, timeout=5.0)
         except ConnectionFailed as exc:
             self._log.warning("source.unsubscribe_failed", error=str(exc))
+
+    @property
+    def filters(self) -> list[str]:
+        return [topic for topic, _ in self.subscriptions]
+
+    def log_leave(self, action: str, why: str) -> None:
+        self._log.info("source.leave", client_id=self.options.client_id, session=action, why=why)
 
     async def close(self, session_expiry: int | None) -> None:
         self._stopping = True
@@ -160,6 +168,7 @@ class Source(Service):
         super().__init__()
         self.links = links
         self._unwatch = flow.on_space(self._wake_all)
+        self._plans: list[LinkLeave] = []
 
     async def start(self) -> None:
         for link in self.links:
@@ -180,10 +189,21 @@ class Source(Service):
     def last_received(self) -> float:
         return max(link.last_received for link in self.links)
 
-    async def unsubscribe(self) -> None:
+    async def begin_leave(self, mode: SessionMode) -> None:
+        """Stop taking: no reconnects; give up what others can take (``leave.plan_leave``).
+        A session that stays stops reading at once: its unread messages wait in it."""
+        self._plans = [plan_leave(mode, link.filters) for link in self.links]
         for link in self.links:
             link.stop_taking()
-        await asyncio.gather(*(link.unsubscribe() for link in self.links))
+        await asyncio.gather(
+            *(
+                link.unsubscribe(plan.unsubscribe)
+                for link, plan in zip(self.links, self._plans, strict=True)
+            )
+        )
+        for link, plan in zip(self.links, self._plans, strict=True):
+            if plan.keep_session:
+                link.stop_reading()
 
     def stop_reading(self) -> None:
         for link in self.links:
@@ -193,6 +213,23 @@ class Source(Service):
     def has_unread(self) -> bool:
         return any(link.has_unread for link in self.links)
 
-    async def close(self, session_expiry: int | None) -> None:
+    async def close(self, drained: bool, can_end: bool) -> None:
+        """Disconnect every link, ending the sessions the plan gives up when ``drained``
+        (``can_end``: the protocol can end a session on DISCONNECT, MQTT 5)."""
         self._unwatch()
-        await asyncio.gather(*(link.close(session_expiry) for link in self.links))
+        plans = self._plans or [plan_leave("keep", link.filters) for link in self.links]
+        closing = []
+        for link, plan in zip(self.links, plans, strict=True):
+            end = drained and can_end and not plan.keep_session
+            if end or plan.keep_session:
+                action, why = plan.action, plan.why
+            else:
+                action = "kept the session"
+                why = (
+                    "not drained within shutdown.deadline: the unfinished messages wait in it"
+                    if not drained
+                    else "MQTT 3.1.1 cannot end a session on DISCONNECT"
+                )
+            link.log_leave(action, why)
+            closing.append(link.close(0 if end else None))
+        await asyncio.gather(*closing)

@@ -1,0 +1,114 @@
+"""Membership changes lose nothing: graceful restarts, rolling restarts and scale-in.
+
+Every scenario publishes numbered messages while a worker leaves (and maybe comes back)
+and counts with the oracle: lost must be 0.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+
+from tests.conftest import Rig
+from tests.harness import Collector, Publisher, Worker, check, wait_until
+
+
+def restart(worker: Worker, rig: Rig, pause: float) -> Worker:
+    """SIGTERM, wait for a clean exit, stay away ``pause`` seconds, start the same id."""
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(30) == 0, worker.log_tail()
+    time.sleep(pause)
+    again = Worker(rig.tmp, worker.cfg, name=f"{worker.name}-again")
+    rig.workers.append(again)
+    return again.start()
+
+
+@pytest.mark.parametrize(
+    ("protocol", "share_group", "session"),
+    [
+        ("5", None, "auto"),
+        ("3.1.1", None, "auto"),
+        # A group only this worker consumes: `auto` would give it up (nobody else takes
+        # the traffic, the broker drops it); `keep` is the documented setting for it.
+        ("5", "solo", "keep"),
+    ],
+)
+def test_graceful_restart_loses_nothing_published_while_away(
+    rig: Rig, protocol: str, share_group: str | None, session: str
+) -> None:
+    route = {"source": f"{rig.prefix}/+", "target": "{topic}"}
+    if share_group:
+        route["share_group"] = share_group
+    worker = rig.worker(
+        [route], instance_id="w", source_protocol=protocol, shutdown={"session": session}
+    )
+    topics = [f"{rig.prefix}/{i}" for i in range(4)]
+    with (
+        Collector(rig.target.url, f"{rig.prefix}/#") as collector,
+        Publisher(rig.source.url) as pub,
+    ):
+        publishing = pub.publish_in_background(topics, 3000, rate=400)
+        wait_until(lambda: pub.sent >= 800, 30, what="800 sent")
+        again = restart(worker, rig, pause=2.0)
+        publishing.join(60)
+        pub.wait_acked(60)
+        collector.wait_for(3000, 60)
+        time.sleep(0.5)
+        report = check(pub.acked(), collector.messages)
+    print(report)
+    assert report.lost == 0, report.lost_examples
+    assert report.unexpected == 0
+    log = worker.log_tail(100_000)
+    assert "kept the session" in log
+    assert again.metrics()["received"] > 0
+
+
+def test_rolling_restart_of_a_share_group_loses_nothing(rig: Rig) -> None:
+    routes = [{"source": f"{rig.prefix}/+", "share_group": "g", "target": "{topic}"}]
+    a = rig.worker(routes, instance_id="a")
+    b = rig.worker(routes, instance_id="b")
+    topics = [f"{rig.prefix}/{i}" for i in range(4)]
+    with (
+        Collector(rig.target.url, f"{rig.prefix}/#") as collector,
+        Publisher(rig.source.url) as pub,
+    ):
+        publishing = pub.publish_in_background(topics, 4000, rate=400)
+        wait_until(lambda: pub.sent >= 600, 30, what="600 sent")
+        restart(a, rig, pause=1.0)
+        wait_until(lambda: pub.sent >= 2000, 30, what="2000 sent")
+        restart(b, rig, pause=1.0)
+        publishing.join(60)
+        pub.wait_acked(60)
+        collector.wait_for(4000, 60)
+        time.sleep(0.5)
+        report = check(pub.acked(), collector.messages)
+    print(report)
+    assert report.lost == 0, report.lost_examples
+    assert report.unexpected == 0
+    assert "shared subscriptions only" in a.log_tail(100_000)
+
+
+def test_scale_in_mid_stream_the_other_member_takes_everything(rig: Rig) -> None:
+    routes = [{"source": f"{rig.prefix}/+", "share_group": "g", "target": "{topic}"}]
+    a = rig.worker(routes, instance_id="a")
+    b = rig.worker(routes, instance_id="b")
+    topics = [f"{rig.prefix}/{i}" for i in range(4)]
+    with (
+        Collector(rig.target.url, f"{rig.prefix}/#") as collector,
+        Publisher(rig.source.url) as pub,
+    ):
+        publishing = pub.publish_in_background(topics, 4000, rate=500)
+        wait_until(lambda: pub.sent >= 1000, 30, what="1000 sent")
+        a.signal(signal.SIGTERM)  # scale-in: a never comes back
+        assert a.wait(30) == 0
+        publishing.join(60)
+        pub.wait_acked(60)
+        collector.wait_for(4000, 60)
+        time.sleep(0.5)
+        report = check(pub.acked(), collector.messages)
+    print(report)
+    assert report.lost == 0, report.lost_examples
+    assert b.metrics()["received"] > 2000  # it took a's share after the leave
+    assert "ended the session" in a.log_tail(100_000)
