@@ -262,6 +262,26 @@ class ShutdownConfig(Section):
     session: Literal["auto", "keep", "end"] = "auto"
 
 
+class MembershipConfig(Section):
+    """The member registry on the source broker (bridge/membership.py)."""
+
+    enabled: bool = True
+    # Will Delay Interval: a worker not back within this is declared gone and adopted.
+    grace: Annotated[int, Field(ge=1, le=86400)] = 60
+    refresh: Annotated[float, Field(ge=0.5, le=3600)] = 10.0  # seconds between record refreshes
+    topic_root: str = "mqtt-bridge/members"
+    # An adoption that has not drained the session by then gives up (the record stays
+    # "gone", so the next worker in rank tries).
+    adopt_timeout: Annotated[float, Field(gt=0, le=86400)] = 600.0
+
+    @field_validator("topic_root")
+    @classmethod
+    def _check_root(cls, value: str) -> str:
+        if not value or any(c in value for c in "+#\x00") or value.startswith(("/", "$")):
+            raise ValueError("a topic without wildcards, not starting with '/' or '$'")
+        return value.rstrip("/")
+
+
 class HttpConfig(Section):
     listen: str | None = "127.0.0.1:9100"
 
@@ -325,6 +345,7 @@ class BridgeConfig(BaseSettings):
     routes: Annotated[list[RouteConfig], Field(min_length=1)]
     flow: FlowConfig = FlowConfig()
     shutdown: ShutdownConfig = ShutdownConfig()
+    membership: MembershipConfig = MembershipConfig()
     http: HttpConfig = HttpConfig()
     log: LogConfig = LogConfig()
     backup: BackupConfig = BackupConfig()

@@ -53,3 +53,44 @@ def plan_leave(mode: SessionMode, subscriptions: list[str]) -> LinkLeave:
     return LinkLeave(
         shared, False, "shared subscriptions only: the other members of the group take over"
     )
+
+
+MemberState = Literal["stopped", "gone"]
+
+
+@dataclass(frozen=True, slots=True)
+class LinkExit:
+    """How one source connection ends, once the drain is over."""
+
+    end_session: bool  # DISCONNECT with session expiry 0 (MQTT 5)
+    with_will: bool  # DISCONNECT 0x04: the broker declares us gone after the grace
+    record: MemberState | None  # our final member record; None clears it
+    action: str
+    why: str
+
+
+def plan_exit(plan: LinkLeave, drained: bool, v5: bool) -> LinkExit:
+    if not drained:
+        # Stranded otherwise (a scale-in while the target is down): mark it gone now,
+        # so that a live worker adopts it unless this instance_id is back first.
+        return LinkExit(
+            False,
+            False,
+            "gone",
+            "kept the session",
+            "not drained within shutdown.deadline: the unfinished messages wait in it, "
+            "and a live worker adopts it unless this instance_id is back first",
+        )
+    if not plan.keep_session:
+        if v5:
+            return LinkExit(True, False, None, plan.action, plan.why)
+        return LinkExit(
+            False,
+            False,
+            None,
+            "kept the session",
+            "MQTT 3.1.1 cannot end a session on DISCONNECT (it holds no subscription now)",
+        )
+    # Kept for the next start; if that never comes (scale-in), the Will after the grace
+    # lets a live worker adopt it (MQTT 5: 3.1.1 has no delayed Will).
+    return LinkExit(False, v5, "stopped", plan.action, plan.why)

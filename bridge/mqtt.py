@@ -49,6 +49,8 @@ class SessionOptions:
     receive_maximum: int | None = None
     username: str | None = None
     password: bytes | None = None
+    # Published by the broker when this connection ends without DISCONNECT 0x00.
+    will: codec.Will | None = None
 
 
 class Listener(Protocol):
@@ -128,6 +130,7 @@ class MqttConnection(asyncio.Protocol):
                         username=opts.username,
                         password=opts.password,
                         properties=props,
+                        will=opts.will,
                     )
                 )
                 ack = await self._connack
@@ -180,11 +183,17 @@ class MqttConnection(asyncio.Protocol):
         value = self.server_properties.get(codec.MAXIMUM_PACKET_SIZE)
         return int(value) if value is not None else None
 
-    async def disconnect(self, session_expiry: int | None = None, timeout: float = 2.0) -> None:
-        """Send DISCONNECT (optionally changing the session expiry) and close."""
+    async def disconnect(
+        self, session_expiry: int | None = None, timeout: float = 2.0, with_will: bool = False
+    ) -> None:
+        """Send DISCONNECT (optionally changing the session expiry) and close.
+
+        ``with_will`` (MQTT 5): reason 0x04, so the broker still publishes our Will
+        after its delay unless this session reconnects first."""
         if self._transport is None or self._closed.done():
             return
-        self._send(codec.encode_disconnect(self.protocol, session_expiry))
+        reason = codec.DISCONNECT_WITH_WILL if with_will else 0
+        self._send(codec.encode_disconnect(self.protocol, session_expiry, reason))
         self._flush()
         self._transport.close()
         try:

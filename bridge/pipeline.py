@@ -36,7 +36,7 @@ from bridge.routing import TopicFilter, TopicTemplate
 from bridge.stats import Stats
 from bridge.target import Target
 from bridge.watchdog import Watchdog
-from bridge.wiring import make_archive, make_source, make_target
+from bridge.wiring import make_adopter, make_archive, make_members, make_source, make_target
 
 # MQTT 5 properties a republished message keeps. Topic alias and subscription
 # identifiers belong to one connection; the expiry is rewritten as what remains.
@@ -92,7 +92,19 @@ class Bridge:
         self._marker_only = codec.encode_properties({codec.USER_PROPERTY: [self._marker]})
         self._loop = asyncio.get_running_loop()
         self.topic_limits = cfg.target.limits.topic_limits()
-        self.source = make_source(cfg, self.flow, self._handle, self.stats)
+        self.failed: str | None = None  # why the worker stopped itself (exit 2)
+        self._fatal = asyncio.Event()
+        self.registry = make_members(cfg, self._adopt, self._fail)
+        # Member records live on the source broker: a route that could match them must
+        # not forward them (cost: one prefix test per message, only for such routes).
+        root = f"{cfg.membership.topic_root}/"
+        self._internal_prefix = (
+            root
+            if self.registry is not None
+            and any(r.filter.matches(root + "x/y") for r in self.routes)
+            else None
+        )
+        self.source = make_source(cfg, self.flow, self._handle, self.stats, self.registry)
         self.target: Target = make_target(cfg, self._on_done)
         self.watchdog = Watchdog()
         self._stack = contextlib.AsyncExitStack()
@@ -107,6 +119,10 @@ class Bridge:
                 self.stats.dropped[(route[0].index if route else 0, "full")] += 1
                 return True
             return False  # held by the connection, which stops reading
+        internal = self._internal_prefix
+        if internal is not None and msg.topic.startswith(internal):
+            acks.admit(msg.packet_id, msg.qos, size, 0).finish()  # not traffic: not counted
+            return True
         found = self._match(msg.topic)
         route_index = found[0].index if found else 0
         pending = acks.admit(msg.packet_id, msg.qos, size, route_index)
@@ -242,6 +258,9 @@ class Bridge:
             await self._stack.enter_async_context(HttpServer(listen[0], listen[1], handlers))
         if self.archive is not None:
             await self._stack.enter_async_context(self.archive)
+        if self.registry is not None:
+            # Before the source: a duplicate instance_id must not connect at all.
+            await self._stack.enter_async_context(self.registry)
         # Targets first: a source message must find a connection to go to.
         await self._stack.enter_async_context(self.target)
         await self._stack.enter_async_context(self.source)
@@ -253,10 +272,13 @@ class Bridge:
     async def serve(self, stop: asyncio.Event) -> bool:
         """Run until ``stop`` is set, then leave gracefully. True when fully drained."""
         stats_task = asyncio.create_task(self._report_stats(), name="stats")
+        stopped = asyncio.create_task(stop.wait(), name="stop")
+        fatal = asyncio.create_task(self._fatal.wait(), name="fatal")
         try:
-            await stop.wait()
+            await asyncio.wait((stopped, fatal), return_when=asyncio.FIRST_COMPLETED)
         finally:
-            stats_task.cancel()
+            for task in (stats_task, stopped, fatal):
+                task.cancel()
         return await self.leave()
 
     async def leave(self) -> bool:
@@ -267,7 +289,9 @@ class Bridge:
         drained = False
         try:
             async with asyncio.timeout(cfg.deadline):
-                await self.source.begin_leave(cfg.session)
+                # A worker that stops itself (a duplicate instance_id) leaves the session
+                # alone: it belongs to the other worker as much as to us.
+                await self.source.begin_leave("keep" if self.failed else cfg.session)
                 while True:
                     now = self._loop.time()
                     quiet = now - max(self.source.last_received, started) >= cfg.quiet
@@ -297,7 +321,14 @@ class Bridge:
         drained = drained and left == 0 and not self.source.has_unread
         # A drained MQTT 5 session whose subscriptions others take is empty: it ends
         # (expiry 0). Otherwise it stays, so the unfinished messages wait for this id.
-        await asyncio.shield(self.source.close(drained, self.cfg.source.protocol == "5"))
+        exits = self.source.exits(drained, self.cfg.source.protocol == "5")
+        if self.registry is not None and self.failed is None:
+            records = {
+                link.options.client_id: e.record
+                for link, e in zip(self.source.links, exits, strict=True)
+            }
+            await asyncio.shield(self.registry.leave(records))
+        await asyncio.shield(self.source.close(exits))
         elapsed = round(self._loop.time() - started, 3)
         if drained:
             self.log.info("bridge.left", drained=True, seconds=elapsed, **self.stats.summary())
@@ -311,6 +342,26 @@ class Bridge:
                 **self.stats.summary(),
             )
         return drained
+
+    def _fail(self, reason: str) -> None:
+        """Stop this worker: something only the operator can fix (exit 2)."""
+        if self.failed is None:
+            self.failed = reason
+            self.log.error("bridge.stopping", reason=reason)
+            self._fatal.set()
+
+    async def _adopt(self, client_id: str) -> bool:
+        """Drain and end the session a gone worker left (``membership.Registry``)."""
+        link = make_adopter(self.cfg, client_id, self.flow, self._handle, self.stats)
+        done = await link.adopt(
+            self.cfg.shutdown.quiet,
+            self.cfg.membership.adopt_timeout,
+            self.cfg.source.protocol == "5",
+        )
+        self.log.info(
+            "membership.adopted" if done else "membership.adopt_unfinished", client_id=client_id
+        )
+        return done
 
     async def _report_stats(self) -> None:
         interval = self.cfg.log.stats_interval

@@ -78,4 +78,7 @@ async def _main(cfg: BridgeConfig) -> int:
     log.info("bridge.start", loop=type(loop).__module__, config=cfg.redacted())
     async with Bridge(cfg) as bridge:
         await bridge.serve(stop)
+    if bridge.failed is not None:
+        print(f"error: {bridge.failed}", file=sys.stderr)
+        return 2
     return 0

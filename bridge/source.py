@@ -8,12 +8,14 @@ acknowledgement queue; all share one flow bound.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
+from dataclasses import replace
 
 from bridge.acks import AckQueue
 from bridge.errors import ConnectionFailed
 from bridge.flow import Flow
-from bridge.leave import LinkLeave, SessionMode, plan_leave
+from bridge.leave import LinkExit, LinkLeave, SessionMode, plan_exit, plan_leave
 from bridge.link import Connection, ConnectionFactory, Link, LinkStats
 from bridge.mqtt import Endpoint, MqttConnection, SessionOptions
 from bridge.mqtt_codec import SESSION_TAKEN_OVER, Publish, reason_name
@@ -156,11 +158,54 @@ class SourceLink(Link):
     def log_leave(self, action: str, why: str) -> None:
         self._log.info("source.leave", client_id=self.options.client_id, session=action, why=why)
 
-    async def close(self, session_expiry: int | None) -> None:
+    async def close(self, end_session: bool = False, with_will: bool = False) -> None:
         self._stopping = True
         conn = self._conn
         if conn is not None:
-            await conn.disconnect(session_expiry=session_expiry)
+            await conn.disconnect(session_expiry=0 if end_session else None, with_will=with_will)
+
+    async def adopt(self, quiet: float, timeout: float, can_end: bool) -> bool:
+        """Drain a session a gone worker left: connect once with its client id, give up
+        its subscriptions, forward what it holds (through our routes, acknowledged end to
+        end as usual), then end it. False when it could not finish (the session stays)."""
+        self._stopping = True  # one connection, no reconnect loop
+        conn = self._factory(self.options, self)
+        self._on_new(conn)
+        try:
+            await conn.connect(self.endpoint, self.connect_timeout)
+        except ConnectionFailed as exc:
+            self._log.warning("source.adopt_failed", error=str(exc))
+            return False
+        self._log.info(
+            "source.adopting",
+            client_id=self.options.client_id,
+            session_present=conn.session_present,
+        )
+        await self.unsubscribe(tuple(self.filters))
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        acks = self._acks
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    await asyncio.sleep(0.05)
+                    if not conn.is_open:
+                        return False  # taken over (the owner came back) or lost: it stays
+                    idle = loop.time() - max(self.last_received, started)
+                    if idle >= quiet and acks is not None and not len(acks) and not conn.has_unread:
+                        break
+        except TimeoutError:
+            self._log.warning("source.adopt_timeout", client_id=self.options.client_id)
+            await conn.disconnect()
+            return False
+        await conn.disconnect(session_expiry=0 if can_end else None)
+        if not can_end:
+            # MQTT 3.1.1 ends a session only by a clean-session connect.
+            clean = self._factory(replace(self.options, clean_start=True), self)
+            with contextlib.suppress(ConnectionFailed):
+                await clean.connect(self.endpoint, self.connect_timeout)
+                await clean.disconnect()
+        return True
 
 
 class Source(Service):
@@ -213,23 +258,18 @@ class Source(Service):
     def has_unread(self) -> bool:
         return any(link.has_unread for link in self.links)
 
-    async def close(self, drained: bool, can_end: bool) -> None:
-        """Disconnect every link, ending the sessions the plan gives up when ``drained``
-        (``can_end``: the protocol can end a session on DISCONNECT, MQTT 5)."""
-        self._unwatch()
+    def exits(self, drained: bool, v5: bool) -> list[LinkExit]:
+        """How each link ends (``leave.plan_exit``); a leave that never began keeps all."""
         plans = self._plans or [plan_leave("keep", link.filters) for link in self.links]
-        closing = []
-        for link, plan in zip(self.links, plans, strict=True):
-            end = drained and can_end and not plan.keep_session
-            if end or plan.keep_session:
-                action, why = plan.action, plan.why
-            else:
-                action = "kept the session"
-                why = (
-                    "not drained within shutdown.deadline: the unfinished messages wait in it"
-                    if not drained
-                    else "MQTT 3.1.1 cannot end a session on DISCONNECT"
-                )
-            link.log_leave(action, why)
-            closing.append(link.close(0 if end else None))
-        await asyncio.gather(*closing)
+        return [plan_exit(plan, drained, v5) for plan in plans]
+
+    async def close(self, exits: list[LinkExit]) -> None:
+        self._unwatch()
+        for link, end in zip(self.links, exits, strict=True):
+            link.log_leave(end.action, end.why)
+        await asyncio.gather(
+            *(
+                link.close(end.end_session, end.with_will)
+                for link, end in zip(self.links, exits, strict=True)
+            )
+        )

@@ -4,11 +4,14 @@ side. Each derivation exists once; the worker (``pipeline``) and ``replay`` both
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from bridge import mqtt_codec as codec
 from bridge.archive import ArchiveSettings, S3Archive
 from bridge.config import BridgeConfig, BrokerConfig
 from bridge.flow import Flow
 from bridge.link import ConnectionFactory
+from bridge.membership import Adopt, Registry, settings_of
 from bridge.mqtt import Endpoint, MqttConnection, SessionOptions
 from bridge.pacing import Pacing
 from bridge.source import Handler, Source, SourceLink
@@ -67,11 +70,29 @@ def make_target(
     )
 
 
+def source_session(cfg: BridgeConfig, client_id: str, registry: Registry | None) -> SessionOptions:
+    """A persistent source session; with a registry, its Will declares it gone."""
+    src = cfg.source
+    return SessionOptions(
+        client_id=client_id,
+        protocol=protocol_level(src),
+        clean_start=False,
+        session_expiry=src.session_expiry,
+        keepalive=src.keepalive,
+        # MQTT 5 lets us tell the broker our window: it stops sending at the cap.
+        receive_maximum=min(cfg.flow.max_inflight, src.limits.inflight or 65535),
+        username=src.username,
+        password=password_of(src),
+        will=registry.will(client_id) if registry is not None else None,
+    )
+
+
 def make_source(
     cfg: BridgeConfig,
     flow: Flow,
     handler: Handler,
     stats: Stats,
+    registry: Registry | None = None,
     factory: ConnectionFactory = MqttConnection,
 ) -> Source:
     """The source connections of ``cfg``: persistent sessions, one per subscription batch."""
@@ -81,17 +102,7 @@ def make_source(
         SourceLink(
             i,
             endpoint,
-            SessionOptions(
-                client_id=cfg.source_client_id(i),
-                protocol=protocol_level(src),
-                clean_start=False,
-                session_expiry=src.session_expiry,
-                keepalive=src.keepalive,
-                # MQTT 5 lets us tell the broker our window: it stops sending at the cap.
-                receive_maximum=min(cfg.flow.max_inflight, src.limits.inflight or 65535),
-                username=src.username,
-                password=password_of(src),
-            ),
+            source_session(cfg, cfg.source_client_id(i), registry),
             subscriptions,
             src.limits.filters_per_subscribe,
             src.limits.connect_interval,
@@ -124,4 +135,60 @@ def make_archive(cfg: BridgeConfig) -> S3Archive | None:
         ),
         cfg.direction,
         cfg.instance_id,
+    )
+
+
+def make_adopter(
+    cfg: BridgeConfig,
+    client_id: str,
+    flow: Flow,
+    handler: Handler,
+    stats: Stats,
+    factory: ConnectionFactory = MqttConnection,
+) -> SourceLink:
+    """A one-shot source link that drains the session ``client_id`` left behind."""
+    src = cfg.source
+    filters: list[tuple[str, int]] = [(r.subscription, r.qos) for r in cfg.routes]
+    return SourceLink(
+        -1,
+        endpoint_of(src),
+        source_session(cfg, client_id, None),
+        filters,
+        src.limits.filters_per_subscribe,
+        0.0,
+        flow,
+        handler,
+        src.connect_timeout,
+        stats,
+        factory,
+    )
+
+
+def make_members(
+    cfg: BridgeConfig,
+    adopt: Adopt,
+    on_fatal: Callable[[str], None],
+    factory: ConnectionFactory = MqttConnection,
+) -> Registry | None:
+    """The member registry on the source broker, unless ``membership.enabled`` is off."""
+    if not cfg.membership.enabled:
+        return None
+    src = cfg.source
+    options = SessionOptions(
+        client_id=f"{cfg.instance_id}-members",
+        protocol=protocol_level(src),
+        clean_start=True,
+        keepalive=src.keepalive,
+        username=src.username,
+        password=password_of(src),
+    )
+    return Registry(
+        settings_of(cfg),
+        [cfg.source_client_id(i) for i in range(cfg.source_connections)],
+        endpoint_of(src),
+        options,
+        src.connect_timeout,
+        adopt,
+        on_fatal,
+        factory,
     )

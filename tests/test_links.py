@@ -63,7 +63,9 @@ class FakeConnection:
     async def wait_closed(self) -> None:
         await asyncio.shield(self._closed)
 
-    async def disconnect(self, session_expiry: int | None = None, timeout: float = 2.0) -> None:
+    async def disconnect(
+        self, session_expiry: int | None = None, timeout: float = 2.0, with_will: bool = False
+    ) -> None:
         self.drop()
 
     def abort(self) -> None:

@@ -6,6 +6,8 @@ and counts with the oracle: lost must be 0.
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 import signal
 import time
 
@@ -112,3 +114,41 @@ def test_scale_in_mid_stream_the_other_member_takes_everything(rig: Rig) -> None
     assert report.lost == 0, report.lost_examples
     assert b.metrics()["received"] > 2000  # it took a's share after the leave
     assert "ended the session" in a.log_tail(100_000)
+
+
+FAST_MEMBERSHIP = {"grace": 3, "refresh": 1}
+
+
+def _adopted_at(worker: Worker) -> float | None:
+    for line in worker.log_tail(1_000_000).splitlines():
+        if '"membership.adopted"' in line:
+            stamp = json.loads(line)["timestamp"]
+            return dt.datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+    return None
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_a_killed_worker_that_never_returns_is_adopted(rig: Rig, protocol: str) -> None:
+    routes = [{"source": f"{rig.prefix}/+", "share_group": "g", "target": "{topic}"}]
+    settings = {"source_protocol": protocol, "membership": FAST_MEMBERSHIP}
+    a = rig.worker(routes, instance_id="a", **settings)
+    b = rig.worker(routes, instance_id="b", **settings)
+    topics = [f"{rig.prefix}/{i}" for i in range(4)]
+    with (
+        Collector(rig.target.url, f"{rig.prefix}/#") as collector,
+        Publisher(rig.source.url) as pub,
+    ):
+        publishing = pub.publish_in_background(topics, 4000, rate=400)
+        wait_until(lambda: pub.sent >= 1000, 30, what="1000 sent")
+        a.signal(signal.SIGKILL)  # a lost task: it never comes back
+        killed = time.time()
+        publishing.join(60)
+        pub.wait_acked(60)
+        collector.wait_for(4000, 60)
+        time.sleep(0.5)
+        report = check(pub.acked(), collector.messages)
+    adopted = _adopted_at(b)
+    print(report, f"adopted {adopted - killed:.1f} s after the kill" if adopted else "")
+    assert report.lost == 0, report.lost_examples
+    assert adopted is not None, b.log_tail()
+    assert b.metrics()["received"] > 2000
