@@ -48,6 +48,15 @@ def _parser() -> argparse.ArgumentParser:
         help="publish to the source topic, not target_topic",
     )
     replay.add_argument("--dry-run", action="store_true", help="read and count, publish nothing")
+    sessions = sub.add_parser(
+        "sessions", help="list the member records on the source broker (live, stopped, gone)"
+    )
+    sessions.add_argument("--config", required=True, metavar="FILE")
+    adopt = sub.add_parser(
+        "adopt", help="drain and end one source session by hand (a worker that is gone)"
+    )
+    adopt.add_argument("--config", required=True, metavar="FILE", help="routes and target")
+    adopt.add_argument("--client-id", required=True, metavar="ID", help="the session's client id")
     health = sub.add_parser(
         "health", help="exit 0 when a worker's /healthz answers 200 (HEALTHCHECK)"
     )
@@ -66,6 +75,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = load_config(args.config)
         if args.command == "replay":
             return _replay(cfg, args)
+        if args.command in ("sessions", "adopt"):
+            return _sessions(cfg, args)
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"error: {problem}", file=sys.stderr)
@@ -120,6 +131,34 @@ def _replay(cfg: BridgeConfig, args: argparse.Namespace) -> int:
             raise ConfigError([f"replay: {exc}"]) from None
     print("\n".join(summary.lines()))
     return 1 if summary.errors or summary.rejected else 0
+
+
+def _sessions(cfg: BridgeConfig, args: argparse.Namespace) -> int:
+    import asyncio
+    import time
+
+    from bridge.runtime import new_event_loop, setup_logging
+    from bridge.sessions import Unreachable, adopt_session, format_sessions, list_sessions
+
+    # `sessions` prints a table: retries of its one connection are not news.
+    level = "error" if args.command == "sessions" else "warning"
+    setup_logging(cfg.log.format, level, direction=cfg.direction, instance=cfg.instance_id)
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        try:
+            if args.command == "sessions":
+                seen = runner.run(list_sessions(cfg))
+                print("\n".join(format_sessions(seen, time.time())))
+                gone = [s for s in seen if s.record is not None and s.record.state == "gone"]
+                return 1 if gone else 0
+            done = runner.run(adopt_session(cfg, args.client_id))
+        except Unreachable as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 3
+    if done:
+        print(f"adopted {args.client_id}: drained, session ended, record cleared")
+        return 0
+    print(f"error: {args.client_id}: not finished; the session is kept", file=sys.stderr)
+    return 1
 
 
 def _check(paths: list[str], quiet: bool) -> int:

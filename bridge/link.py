@@ -141,6 +141,7 @@ class Link:
         self.options = options
         self.connect_timeout = connect_timeout
         self.reconnects = 0
+        self.last_error: str | None = None  # why the last connect failed
         self._factory = factory
         self._pacer = ConnectPacer(connect_interval)
         self._stopping = False
@@ -157,6 +158,7 @@ class Link:
                 await self._on_connect(conn)
             except ConnectionFailed as exc:
                 conn.abort()
+                self.last_error = str(exc)
                 delay = backoff.next_delay()
                 self._log.warning(
                     f"{self.side}.connect_failed", error=str(exc), retry_in=round(delay, 2)

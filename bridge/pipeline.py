@@ -61,10 +61,17 @@ class CompiledRoute:
 
 
 class Bridge:
-    """One worker. ``async with Bridge(cfg) as b: await b.serve(stop)``."""
+    """One worker. ``async with Bridge(cfg) as b: await b.serve(stop)``.
 
-    def __init__(self, cfg: BridgeConfig, dead_letters: DeadLetterSink | None = None) -> None:
+    With ``worker=False`` (``mqtt-bridge adopt``) it only forwards what ``adopt()`` drains:
+    no subscription, no registry, no HTTP, and target client ids of its own.
+    """
+
+    def __init__(
+        self, cfg: BridgeConfig, dead_letters: DeadLetterSink | None = None, worker: bool = True
+    ) -> None:
         self.cfg = cfg
+        self.worker = worker
         self.log = structlog.get_logger()
         self.routes = [
             CompiledRoute(i, r.label, r.source, r.target, r.qos, r.retain)
@@ -94,7 +101,7 @@ class Bridge:
         self.topic_limits = cfg.target.limits.topic_limits()
         self.failed: str | None = None  # why the worker stopped itself (exit 2)
         self._fatal = asyncio.Event()
-        self.registry = make_members(cfg, self._adopt, self._fail)
+        self.registry = make_members(cfg, self._adopt, self._fail) if worker else None
         # Member records live on the source broker: a route that could match them must
         # not forward them (cost: one prefix test per message, only for such routes).
         root = f"{cfg.membership.topic_root}/"
@@ -105,7 +112,7 @@ class Bridge:
             else None
         )
         self.source = make_source(cfg, self.flow, self._handle, self.stats, self.registry)
-        self.target: Target = make_target(cfg, self._on_done)
+        self.target: Target = make_target(cfg, self._on_done, "tgt" if worker else "adopt")
         self.watchdog = Watchdog()
         self._stack = contextlib.AsyncExitStack()
 
@@ -241,7 +248,7 @@ class Bridge:
         await self._stack.__aenter__()
         await self._stack.enter_async_context(self.watchdog)
         listen = self.cfg.http.host_port
-        if listen is not None:
+        if listen is not None and self.worker:
             probe = Probe(
                 direction=self.cfg.direction,
                 stats=self.stats,
@@ -263,7 +270,8 @@ class Bridge:
             await self._stack.enter_async_context(self.registry)
         # Targets first: a source message must find a connection to go to.
         await self._stack.enter_async_context(self.target)
-        await self._stack.enter_async_context(self.source)
+        if self.worker:
+            await self._stack.enter_async_context(self.source)
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -349,6 +357,14 @@ class Bridge:
             self.failed = reason
             self.log.error("bridge.stopping", reason=reason)
             self._fatal.set()
+
+    async def adopt(self, client_id: str) -> bool:
+        """``mqtt-bridge adopt``: drain and end one session, flush the archive, disconnect."""
+        done = await self._adopt(client_id)
+        if self.archive is not None:
+            await asyncio.shield(self.archive.flush())
+        await asyncio.shield(self.target.close())
+        return done
 
     async def _adopt(self, client_id: str) -> bool:
         """Drain and end the session a gone worker left (``membership.Registry``)."""

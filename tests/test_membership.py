@@ -9,12 +9,24 @@ from __future__ import annotations
 import datetime as dt
 import json
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
+import yaml
 
 from tests.conftest import Rig
-from tests.harness import Collector, Publisher, Worker, check, wait_until
+from tests.harness import (
+    ROOT,
+    Collector,
+    Publisher,
+    Worker,
+    bridge_config,
+    check,
+    free_port,
+    wait_until,
+)
 
 
 def restart(worker: Worker, rig: Rig, pause: float) -> Worker:
@@ -152,3 +164,58 @@ def test_a_killed_worker_that_never_returns_is_adopted(rig: Rig, protocol: str) 
     assert report.lost == 0, report.lost_examples
     assert adopted is not None, b.log_tail()
     assert b.metrics()["received"] > 2000
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "bridge", *args],
+        capture_output=True, text=True, timeout=120, check=False, cwd=ROOT,
+    )  # fmt: skip
+
+
+def test_sessions_lists_a_gone_worker_and_adopt_drains_it_by_hand(rig: Rig) -> None:
+    routes = [{"source": f"{rig.prefix}/+", "share_group": "g", "target": "{topic}"}]
+    a = rig.worker(routes, instance_id="a", membership={"grace": 2, "refresh": 1})
+    topics = [f"{rig.prefix}/{i}" for i in range(2)]
+    with (
+        Collector(rig.target.url, f"{rig.prefix}/#") as collector,
+        Publisher(rig.source.url) as pub,
+    ):
+        pub.publish_numbered(topics, 200)
+        pub.wait_acked()
+        collector.wait_for(200, 30)
+        a.signal(signal.SIGKILL)  # alone in its group: nobody adopts automatically
+        pub.publish_numbered(topics, 400)  # 0..199 again (duplicates) and 200 new per topic
+        pub.wait_acked()
+        wait_until(
+            lambda: (
+                "gone" in (listing := _cli("sessions", "--config", str(a.config_path))).stdout
+                and listing.returncode == 1
+            ),
+            20,
+            what="a's record gone",
+        )
+        adopter = {**a.cfg, "instance_id": "operator"}
+        path = rig.tmp / "operator.yaml"
+        path.write_text(yaml.safe_dump(adopter))
+        adopt = _cli("adopt", "--config", str(path), "--client-id", "a-src")
+        assert adopt.returncode == 0, adopt.stderr
+        assert "adopted a-src" in adopt.stdout
+        collector.wait_for(600, 30)
+        report = check(pub.acked(), collector.messages)
+    print(report)
+    assert report.lost == 0, report.lost_examples
+    after = _cli("sessions", "--config", str(a.config_path))
+    assert after.returncode == 0, after.stdout
+    assert "a-src" not in after.stdout
+
+
+def test_sessions_says_in_one_line_when_the_broker_is_unreachable(rig: Rig) -> None:
+    cfg = {**bridge_config(f"mqtt://127.0.0.1:{free_port()}", rig.target.url, [{"source": "x/#"}])}
+    cfg["source"]["connect_timeout"] = 1
+    path = rig.tmp / "down.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    result = _cli("sessions", "--config", str(path))
+    assert result.returncode == 3
+    assert result.stderr.startswith("error: cannot reach the source broker")
+    assert len(result.stderr.strip().splitlines()) == 1
