@@ -197,6 +197,16 @@ class BrokerConfig(Section):
 class TargetConfig(BrokerConfig):
     connections: Annotated[int, Field(ge=1, le=1000)] = 1
     session_expiry: Annotated[int, Field(ge=0, le=0xFFFFFFFF)] = 0
+    # An empty QoS 1 publish that proves the path before a released share is taken
+    # back; the target's ACL (an IoT Core policy) must allow it. {instance_id} is replaced.
+    probe_topic: str = "mqtt-bridge/probe/{instance_id}"
+
+    @field_validator("probe_topic")
+    @classmethod
+    def _check_probe_topic(cls, value: str) -> str:
+        if not value or any(c in value for c in "+#\x00"):
+            raise ValueError("a topic name without wildcards")
+        return value
 
 
 class RouteConfig(Section):
@@ -206,6 +216,9 @@ class RouteConfig(Section):
     qos: Literal[0, 1] = 1
     retain: bool = True
     name: str | None = None
+    # Give the share back after this many seconds without any target connection
+    # (bridge/release.py); only for a share group that has other consumers.
+    release_when_target_down: Annotated[float, Field(gt=0, le=86400)] | None = None
 
     @field_validator("qos", mode="before")
     @classmethod
@@ -234,6 +247,15 @@ class RouteConfig(Section):
         if source is not None:
             TopicTemplate.parse(value, TopicFilter.parse(source))
         return value
+
+    @model_validator(mode="after")
+    def _release_needs_a_group(self) -> RouteConfig:
+        if self.release_when_target_down is not None and not self.share_group:
+            raise ValueError(
+                "release_when_target_down needs a share_group: a plain subscription has "
+                "no other consumer, so the broker would drop what is published meanwhile"
+            )
+        return self
 
     @property
     def label(self) -> str:

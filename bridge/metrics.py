@@ -22,6 +22,7 @@ from bridge.stats import LATENCY_BUCKETS, Stats
 if TYPE_CHECKING:
     from bridge.archive import S3Archive
     from bridge.link import LinkStats
+    from bridge.release import Releasable
 
 
 @dataclass(slots=True)
@@ -36,6 +37,8 @@ class Probe:
     ready: Callable[[], bool]
     archive: S3Archive | None = None
     loop_lag: Callable[[], float] = lambda: 0.0
+    releases: Callable[[], list[Releasable]] = list
+    adoptions: Callable[[], tuple[int, int]] = lambda: (0, 0)  # (done, unfinished)
 
 
 class BridgeCollector(Collector):
@@ -118,6 +121,7 @@ class BridgeCollector(Collector):
         yield from self._connections(d)
         if p.archive is not None:
             yield from self._archive(d, p.archive)
+        yield from self._membership(d)
         info = GaugeMetricFamily("mqtt_bridge_build_info", "Build information.", labels=["version"])
         info.add_metric([__version__], 1)
         yield info
@@ -174,6 +178,37 @@ class BridgeCollector(Collector):
             for reason, count in target.disconnects.items():
                 disconnects.add_metric([d, i, reason], count)
         yield from (state, reconnects, published, window, rate, throttled, disconnects)
+
+    def _membership(self, d: str) -> Iterator[Metric]:
+        released = GaugeMetricFamily(
+            "mqtt_bridge_route_released",
+            "1 while a route's share is given back because the target is down.",
+            labels=["direction", "route"],
+        )
+        releases = CounterMetricFamily(
+            "mqtt_bridge_route_releases",
+            "Times a route gave its share back (release_when_target_down).",
+            labels=["direction", "route"],
+        )
+        rejoins = CounterMetricFamily(
+            "mqtt_bridge_route_rejoins",
+            "Times a released route took its share again after a probe publish succeeded.",
+            labels=["direction", "route"],
+        )
+        for route in self.probe.releases():
+            released.add_metric([d, route.label], int(route.released))
+            releases.add_metric([d, route.label], route.releases)
+            rejoins.add_metric([d, route.label], route.rejoins)
+        yield from (released, releases, rejoins)
+        done, unfinished = self.probe.adoptions()
+        adopted = CounterMetricFamily(
+            "mqtt_bridge_adoptions",
+            "Sessions of gone workers this worker drained and ended (membership).",
+            labels=["direction", "result"],
+        )
+        adopted.add_metric([d, "done"], done)
+        adopted.add_metric([d, "unfinished"], unfinished)
+        yield adopted
 
     @staticmethod
     def _archive(d: str, archive: S3Archive) -> Iterator[Metric]:

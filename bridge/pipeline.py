@@ -32,6 +32,7 @@ from bridge.metrics import Probe, make_registry
 from bridge.mqtt_codec import Publish
 from bridge.outcome import DELIVERED, EXPIRED, Outcome
 from bridge.policy import POISON_DROPS
+from bridge.release import Releasable, Releaser
 from bridge.routing import TopicFilter, TopicTemplate
 from bridge.stats import Stats
 from bridge.target import Target
@@ -113,6 +114,17 @@ class Bridge:
         )
         self.source = make_source(cfg, self.flow, self._handle, self.stats, self.registry)
         self.target: Target = make_target(cfg, self._on_done, "tgt" if worker else "adopt")
+        self.releaser = Releaser(
+            [
+                Releasable(route.label, r.subscription, r.release_when_target_down)
+                for route, r in zip(self.routes, cfg.routes, strict=True)
+                if r.release_when_target_down is not None and worker
+            ],
+            self.source,
+            self.target,
+            cfg.target.probe_topic.replace("{instance_id}", cfg.instance_id),
+            {codec.USER_PROPERTY: [self._marker]} if self._target_v5 else None,
+        )
         self.watchdog = Watchdog()
         self._stack = contextlib.AsyncExitStack()
 
@@ -258,6 +270,8 @@ class Bridge:
                 ready=lambda: self.ready,
                 archive=self.archive,
                 loop_lag=lambda: self.watchdog.lag,
+                releases=lambda: self.releaser.routes,
+                adoptions=self._adoptions,
             )
             handlers = probe_handlers(
                 make_registry(probe), lambda: self.watchdog.healthy, self.readiness
@@ -272,6 +286,7 @@ class Bridge:
         await self._stack.enter_async_context(self.target)
         if self.worker:
             await self._stack.enter_async_context(self.source)
+            await self._stack.enter_async_context(self.releaser)
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -350,6 +365,10 @@ class Bridge:
                 **self.stats.summary(),
             )
         return drained
+
+    def _adoptions(self) -> tuple[int, int]:
+        r = self.registry
+        return (r.adoptions, r.adoption_failures) if r is not None else (0, 0)
 
     def _fail(self, reason: str) -> None:
         """Stop this worker: something only the operator can fix (exit 2)."""

@@ -51,6 +51,7 @@ class SourceLink(Link):
         self.flow = flow
         self.subscribed = False
         self.last_received = 0.0
+        self.released: set[str] = set()  # given up while the target is down (release.py)
         self._handler = handler
         self._stats = stats
         self._conn: Connection | None = None
@@ -77,10 +78,13 @@ class SourceLink(Link):
         await self._subscribe(conn)
 
     async def _subscribe(self, conn: Connection) -> None:
+        # Every reconnect, whatever session_present says: Mosquitto 2.0.11 does not
+        # restore a persistent session's $share subscription after a broker restart.
         refused = []
         step = self.per_subscribe
-        for start in range(0, len(self.subscriptions), step):
-            batch = self.subscriptions[start : start + step]
+        wanted = [(f, qos) for f, qos in self.subscriptions if f not in self.released]
+        for start in range(0, len(wanted), step):
+            batch = wanted[start : start + step]
             # Retain As Published: a route with `retain: true` must see the publisher's flag.
             codes = await conn.subscribe(batch, retain_as_published=True)
             if len(codes) != len(batch):
@@ -94,6 +98,30 @@ class SourceLink(Link):
             raise ConnectionFailed(f"subscription refused: {', '.join(refused)}")
         self.subscribed = True
         self._log.info("source.subscribed", filters=[topic for topic, _ in self.subscriptions])
+
+    async def release(self, filters: set[str]) -> None:
+        """Give ``filters`` up until ``rejoin``; they stay given up across reconnects."""
+        filters &= set(self.filters) - self.released
+        self.released |= filters
+        conn = self._conn
+        if filters and conn is not None and conn.is_open:
+            try:
+                await conn.unsubscribe(sorted(filters), timeout=5.0)
+            except ConnectionFailed as exc:
+                self._log.warning("source.unsubscribe_failed", error=str(exc))
+
+    async def rejoin(self, filters: set[str]) -> None:
+        if self._stopping:
+            return  # leaving: nothing new
+        filters &= self.released
+        self.released -= filters
+        conn = self._conn
+        if filters and conn is not None and conn.is_open:
+            batch = [(f, qos) for f, qos in self.subscriptions if f in filters]
+            try:
+                await conn.subscribe(batch, retain_as_published=True)
+            except ConnectionFailed as exc:
+                self._log.warning("source.subscribe_failed", error=str(exc))
 
     def wake(self) -> None:
         if self._conn is not None:
@@ -229,6 +257,12 @@ class Source(Service):
 
     def connections(self) -> list[LinkStats]:
         return [link.stats() for link in self.links]
+
+    async def release(self, subscription: str) -> None:
+        await asyncio.gather(*(link.release({subscription}) for link in self.links))
+
+    async def rejoin(self, subscription: str) -> None:
+        await asyncio.gather(*(link.rejoin({subscription}) for link in self.links))
 
     @property
     def last_received(self) -> float:

@@ -52,6 +52,13 @@ class Target(Protocol):
 
     def connections(self) -> list[LinkStats]: ...
 
+    async def probe(
+        self, topic: bytes, properties: codec.Properties | None, timeout: float
+    ) -> bool:
+        """Publish one empty QoS 1 message on a connection that is up, outside the
+        queues; True when the target acknowledged it with success (the path is proven)."""
+        ...
+
     async def close(self) -> None:
         """Disconnect; envelopes still queued get no outcome (their sources redeliver)."""
         ...
@@ -91,6 +98,7 @@ class TargetLink(Link):
         self._probing = False
         self._timer: asyncio.TimerHandle | None = None
         self._seq = 0
+        self._probes: dict[int, asyncio.Future[int]] = {}
 
     @property
     def connected(self) -> bool:
@@ -206,6 +214,9 @@ class TargetLink(Link):
     def on_puback(self, conn: Connection, packet_id: int, reason_code: int) -> None:
         env = self.inflight.pop(packet_id, None)
         if env is None or conn is not self.conn:
+            probe = self._probes.pop(packet_id, None)
+            if probe is not None and not probe.done():
+                probe.set_result(reason_code)
             return
         self._probing = False
         now = self._loop.time()
@@ -237,6 +248,9 @@ class TargetLink(Link):
             return
         self.conn = None
         self._cancel_timer()
+        for probe in self._probes.values():
+            if not probe.done():
+                probe.set_result(0x80)  # unanswered: not proven
         reason = conn.disconnect_reason
         if reason is not None:
             self.disconnects[codec.reason_name(reason).replace(" ", "_")] += 1
@@ -267,6 +281,26 @@ class TargetLink(Link):
                 reason=str(exc) if exc else "closed",
                 requeued=len(self.queue),
             )
+
+    async def probe(
+        self, topic: bytes, properties: codec.Properties | None, timeout: float
+    ) -> bool:
+        conn = self.conn
+        if conn is None:
+            return False
+        try:
+            packet_id = conn.publish(topic, b"", 1, False, properties)
+        except (PacketTooLarge, ValueError, struct.error):
+            return False
+        answer: asyncio.Future[int] = self._loop.create_future()
+        self._probes[packet_id] = answer
+        try:
+            async with asyncio.timeout(timeout):
+                return await answer < 0x80
+        except TimeoutError:
+            return False
+        finally:
+            self._probes.pop(packet_id, None)
 
     # ---- lifecycle -----------------------------------------------------------------
 
@@ -302,6 +336,14 @@ class TargetPool(Service):
 
     def connections(self) -> list[LinkStats]:
         return [link.stats() for link in self.links]
+
+    async def probe(
+        self, topic: bytes, properties: codec.Properties | None, timeout: float
+    ) -> bool:
+        for link in self.links:
+            if link.connected:
+                return await link.probe(topic, properties, timeout)
+        return False
 
     async def close(self) -> None:
         await asyncio.gather(*(link.close() for link in self.links))

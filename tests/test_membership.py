@@ -219,3 +219,41 @@ def test_sessions_says_in_one_line_when_the_broker_is_unreachable(rig: Rig) -> N
     assert result.returncode == 3
     assert result.stderr.startswith("error: cannot reach the source broker")
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_target_down_releases_the_share_to_the_legacy_member(rig: Rig) -> None:
+    group = f"$share/g/{rig.prefix}/+"
+    routes = [
+        {
+            "source": f"{rig.prefix}/+",
+            "share_group": "g",
+            "target": "{topic}",
+            "release_when_target_down": 1.5,
+        }
+    ]
+    worker = rig.worker(routes, instance_id="w", flow={"max_inflight": 200})
+    topics = [f"{rig.prefix}/{i}" for i in range(4)]
+    with (
+        Collector(rig.source.url, group) as legacy,  # the service the DTB replaces
+        Collector(rig.target.url, f"{rig.prefix}/#") as migrated,
+        Publisher(rig.source.url) as pub,
+    ):
+        rig.target.stop()
+        publishing = pub.publish_in_background(topics, 4000, rate=400)
+        wait_until(lambda: worker.metrics()["route_released"] == 1, 30, what="the release")
+        publishing.join(60)
+        pub.wait_acked(60)
+        taken_by_legacy = legacy.count()
+        rig.target.start()  # same port
+        wait_until(lambda: worker.metrics()["route_rejoins"] == 1, 30, what="the rejoin")
+        wait_until(
+            lambda: legacy.count() + migrated.count() >= 4000, 60, what="every message somewhere"
+        )
+        time.sleep(0.5)
+        report = check(pub.acked(), [*legacy.messages, *migrated.messages])
+    print(report, f"legacy took {taken_by_legacy}")
+    assert report.lost == 0, report.lost_examples
+    assert report.unexpected == 0
+    # Without the release the worker takes half while its target is down (2,000 here).
+    assert taken_by_legacy > 3000
+    assert worker.metrics()["route_releases"] == 1
