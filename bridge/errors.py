@@ -22,8 +22,9 @@ class ConnectionFailed(BridgeError):
 class ConnectRefused(ConnectionFailed):
     """The broker answered CONNACK with a failure reason code."""
 
-    def __init__(self, reason_code: int, reason: str) -> None:
-        super().__init__(f"connection refused: {reason} (0x{reason_code:02x})")
+    def __init__(self, reason_code: int, reason: str, detail: str = "") -> None:
+        text = f"connection refused: {reason} (0x{reason_code:02x})"
+        super().__init__(f"{text}; {detail}" if detail else text)
         self.reason_code = reason_code
 
 

@@ -26,6 +26,14 @@ from bridge.mqtt_codec import SESSION_TAKEN_OVER, Properties, Publish
 
 # Logged with every takeover: the usual cause at 3 a.m.
 TAKEOVER_HINT = "another connection uses this client id: do two workers share an instance_id?"
+# A connection that lasted less than this, and did no work (no SUBACK, no PUBACK), did
+# not prove the broker healthy: the backoff keeps growing (a broker that accepts and kicks
+# at once caused a reconnect storm). One that did work resets it: a target that drops us
+# after each refused publish must not slow the rest of the stream down.
+STABLE_AFTER = 10.0
+# This many such short connections in a row, closed without a reason, is most likely
+# another client taking our id over (Mosquitto < 2.0.15 and 3.1.1 brokers send no 0x8E).
+SHORT_LIVED_STREAK = 3
 
 
 class Connection(Protocol):
@@ -33,6 +41,8 @@ class Connection(Protocol):
 
     session_present: bool
     disconnect_reason: int | None
+    disconnect_detail: str
+    ack_reason: str  # the last PUBACK's reason string
 
     @property
     def is_open(self) -> bool: ...
@@ -83,6 +93,7 @@ class LinkStats:
     rate_limit: float = 0.0  # 0: unpaced
     throttled: dict[str, int] = field(default_factory=dict)
     disconnects: dict[str, int] = field(default_factory=dict)
+    sessions_lost: int = 0  # source: reconnects that found no session
 
 
 class ConnectPacer:
@@ -145,13 +156,17 @@ class Link:
         self._factory = factory
         self._pacer = ConnectPacer(connect_interval)
         self._stopping = False
+        self._useful = False  # the current connection did work (see STABLE_AFTER)
         self._log = structlog.get_logger().bind(side=self.side, connection=index)
 
     async def run(self) -> None:
         backoff = Backoff()
+        loop = asyncio.get_running_loop()
+        short_lived = 0
         while not self._stopping:
             await self._pacer.wait()
             conn = self._factory(self.options, self)
+            self._useful = False
             try:
                 self._on_new(conn)
                 await conn.connect(self.endpoint, self.connect_timeout)
@@ -165,7 +180,9 @@ class Link:
                 )
                 await asyncio.sleep(delay)
                 continue
+            up_since = loop.time()
             await conn.wait_closed()
+            stable = self._useful or loop.time() - up_since >= STABLE_AFTER
             taken_over = conn.disconnect_reason == SESSION_TAKEN_OVER
             if taken_over:
                 self._log.error(
@@ -176,8 +193,18 @@ class Link:
             if self._stopping:
                 return
             self.reconnects += 1
-            if not taken_over:
-                backoff.reset()  # a takeover keeps growing the delay: two owners must not ping-pong
+            lasted = loop.time() - up_since >= STABLE_AFTER
+            short_lived = 0 if lasted or conn.disconnect_reason is not None else short_lived + 1
+            if short_lived == SHORT_LIVED_STREAK:
+                self._log.error(
+                    f"{self.side}.closed_after_connack",
+                    client_id=self.options.client_id,
+                    times=short_lived,
+                    hint=TAKEOVER_HINT,
+                )
+            if stable and not taken_over:
+                # A takeover keeps growing the delay: two owners must not ping-pong.
+                backoff.reset()
             await asyncio.sleep(backoff.next_delay())
 
     # ---- mqtt.Listener: what every side answers --------------------------------------
@@ -195,6 +222,10 @@ class Link:
         raise NotImplementedError
 
     # ---- hooks ---------------------------------------------------------------------
+
+    def _did_work(self) -> None:
+        """The current connection carried real work: the broker is not just kicking us."""
+        self._useful = True
 
     def _on_new(self, conn: Connection) -> None:
         """A connection is about to connect (the source takes messages from CONNACK on)."""

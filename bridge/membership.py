@@ -119,6 +119,7 @@ class RegistryLink(Link):
         codes = await conn.subscribe([(self._subscription, 1)], retain_as_published=False)
         if not codes or codes[0] >= 0x80:
             raise ConnectionFailed(f"subscription to {self._subscription} refused")
+        self._did_work()
         self.ready.set()
 
     async def publish(self, topic: str, payload: bytes, timeout: float = 5.0) -> bool:

@@ -138,8 +138,14 @@ class BridgeCollector(Collector):
             "Connections lost and re-established.",
             labels=["direction", "side", "connection"],
         )
+        lost = CounterMetricFamily(
+            "mqtt_bridge_source_sessions_lost",
+            "Source reconnects that found no session: the broker dropped what it held for us.",
+            labels=["direction", "connection"],
+        )
         for link in p.sources():
             state.add_metric([d, "source", str(link.index)], int(link.up))
+            lost.add_metric([d, str(link.index)], link.sessions_lost)
             reconnects.add_metric([d, "source", str(link.index)], link.reconnects)
         published = CounterMetricFamily(
             "mqtt_bridge_connection_published",
@@ -177,7 +183,7 @@ class BridgeCollector(Collector):
                 throttled.add_metric([d, i, reason], count)
             for reason, count in target.disconnects.items():
                 disconnects.add_metric([d, i, reason], count)
-        yield from (state, reconnects, published, window, rate, throttled, disconnects)
+        yield from (state, reconnects, published, window, rate, throttled, disconnects, lost)
 
     def _membership(self, d: str) -> Iterator[Metric]:
         released = GaugeMetricFamily(

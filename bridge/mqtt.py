@@ -84,6 +84,11 @@ class MqttConnection(asyncio.Protocol):
         self._held: Publish | None = None
         self._next_pid = 0
         self._unacked: set[int] = set()
+        # QoS 1 packet ids taken from the broker and not yet acknowledged: a DUP=1
+        # PUBLISH with one of them is the broker re-sending what we already have.
+        self._inbound: set[int] = set()
+        self.duplicates_ignored = 0
+        self.ack_reason = ""  # the last PUBACK's reason string (MQTT 5), for its log line
         self._waiters: dict[int, asyncio.Future[codec.Ack]] = {}
         self._connack: asyncio.Future[codec.Ack] = self._loop.create_future()
         self._closed: asyncio.Future[None] = self._loop.create_future()
@@ -92,6 +97,7 @@ class MqttConnection(asyncio.Protocol):
         self.session_present = False
         self.server_properties: Properties = {}
         self.disconnect_reason: int | None = None
+        self.disconnect_detail = ""
         self._closing_error: ConnectionFailed | None = None
         self._keepalive = options.keepalive
         self._connected = False
@@ -151,7 +157,8 @@ class MqttConnection(asyncio.Protocol):
         code = ack.reason_codes[0]
         if code != 0:
             self.abort()
-            raise ConnectRefused(code, codec.reason_name(code, opts.protocol, connack=True))
+            reason = codec.reason_name(code, opts.protocol, connack=True)
+            raise ConnectRefused(code, reason, codec.explain(ack.properties))
         self.session_present = ack.session_present
         self.server_properties = ack.properties or {}
         self._connected = True
@@ -239,6 +246,7 @@ class MqttConnection(asyncio.Protocol):
         return packet_id
 
     def puback(self, packet_id: int) -> None:
+        self._inbound.discard(packet_id)
         self._send(codec.encode_puback(packet_id))
 
     async def subscribe(
@@ -373,6 +381,12 @@ class MqttConnection(asyncio.Protocol):
     def _on_publish(self, msg: Publish) -> None:
         if msg.qos == 2:
             raise codec.MalformedPacket("QoS 2 PUBLISH on a subscription granted QoS <= 1")
+        if msg.qos:
+            if msg.dup and msg.packet_id in self._inbound:
+                self.duplicates_ignored += 1  # already taken on this connection
+                return
+            # Before the listener: it may acknowledge (and discard) it synchronously.
+            self._inbound.add(msg.packet_id)
         if not self._listener.on_message(self, msg):
             self._held = msg
             if self._transport is not None:
@@ -383,6 +397,7 @@ class MqttConnection(asyncio.Protocol):
         if kind == codec.PUBACK:
             ack = codec.decode_ack(kind, body, self.protocol)
             self._unacked.discard(ack.packet_id)
+            self.ack_reason = codec.explain(ack.properties)
             self._listener.on_puback(self, ack.packet_id, ack.reason_codes[0])
             return
         if kind == codec.PINGRESP:
@@ -401,6 +416,7 @@ class MqttConnection(asyncio.Protocol):
         if kind == codec.DISCONNECT:
             ack = codec.decode_ack(kind, body, self.protocol)
             self.disconnect_reason = ack.reason_codes[0]
+            self.disconnect_detail = codec.explain(ack.properties)
             return
         raise codec.MalformedPacket(f"unexpected packet type {kind}")
 
@@ -438,8 +454,9 @@ class MqttConnection(asyncio.Protocol):
         error: BaseException | None = self._closing_error
         if error is None and self.disconnect_reason is not None:
             code = self.disconnect_reason
+            detail = f" ({self.disconnect_detail})" if self.disconnect_detail else ""
             error = ConnectionFailed(
-                f"broker disconnected us: {codec.reason_name(code)} (0x{code:02x})"
+                f"broker disconnected us: {codec.reason_name(code)} (0x{code:02x}){detail}"
             )
         if error is None and exc is not None:
             error = ConnectionFailed(f"connection lost: {exc}")

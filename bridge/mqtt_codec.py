@@ -480,6 +480,18 @@ CONNACK_311_NAMES: dict[int, str] = {
 }  # fmt: skip
 
 
+def explain(props: Properties | None) -> str:
+    """The reason string (0x1F) and server reference (0x1C) a server sent, for a log line."""
+    if not props:
+        return ""
+    parts = []
+    if REASON_STRING in props:
+        parts.append(f"server says: {props[REASON_STRING]}")
+    if SERVER_REFERENCE in props:
+        parts.append(f"server reference: {props[SERVER_REFERENCE]}")
+    return "; ".join(parts)
+
+
 def reason_name(code: int, protocol: int = PROTOCOL_5, connack: bool = False) -> str:
     if connack and protocol == PROTOCOL_311:
         return CONNACK_311_NAMES.get(code, f"refused ({code})")

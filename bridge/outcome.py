@@ -25,10 +25,11 @@ class Kind(enum.Enum):
 class Outcome:
     kind: Kind
     reason_code: int = 0  # the target's, for REJECTED
+    detail: str = ""  # the target's reason string / server reference (MQTT 5)
 
     @staticmethod
-    def rejected(reason_code: int) -> Outcome:
-        return Outcome(Kind.REJECTED, reason_code)
+    def rejected(reason_code: int, detail: str = "") -> Outcome:
+        return Outcome(Kind.REJECTED, reason_code, detail)
 
     def dead_letter_reason(self, poison_drops: int) -> tuple[str, str]:
         """(the reason a person reads, the metric label) for an outcome that dead-letters."""
@@ -43,7 +44,10 @@ class Outcome:
         if kind is Kind.UNENCODABLE:
             return "cannot be encoded as an MQTT packet", "unencodable"
         code = self.reason_code
-        return f"rejected: {codec.reason_name(code)} (0x{code:02x})", f"rejected_0x{code:02x}"
+        text = f"rejected: {codec.reason_name(code)} (0x{code:02x})"
+        if self.detail:
+            text += f"; {self.detail}"
+        return text, f"rejected_0x{code:02x}"
 
 
 DELIVERED = Outcome(Kind.DELIVERED)

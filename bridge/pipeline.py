@@ -37,7 +37,14 @@ from bridge.routing import TopicFilter, TopicTemplate
 from bridge.stats import Stats
 from bridge.target import Target
 from bridge.watchdog import Watchdog
-from bridge.wiring import make_adopter, make_archive, make_members, make_source, make_target
+from bridge.wiring import (
+    make_adopter,
+    make_archive,
+    make_members,
+    make_source,
+    make_target,
+    probe_of,
+)
 
 # MQTT 5 properties a republished message keeps. Topic alias and subscription
 # identifiers belong to one connection; the expiry is rewritten as what remains.
@@ -122,8 +129,7 @@ class Bridge:
             ],
             self.source,
             self.target,
-            cfg.target.probe_topic.replace("{instance_id}", cfg.instance_id),
-            {codec.USER_PROPERTY: [self._marker]} if self._target_v5 else None,
+            *probe_of(cfg),
         )
         self.watchdog = Watchdog()
         self._stack = contextlib.AsyncExitStack()

@@ -25,13 +25,13 @@ MESSAGE_FAULTS = frozenset({None, 0x80, 0x81, 0x82, 0x83, 0x87, 0x90, 0x95, 0x99
 PROBE_ANSWER_WITHIN = 5.0
 
 
-def puback_outcome(reason_code: int) -> Outcome | None:
+def puback_outcome(reason_code: int, detail: str = "") -> Outcome | None:
     """What a PUBACK settles; None when the message must go again, slower (0x97)."""
     if reason_code < 0x80:
         return DELIVERED
     if reason_code == QUOTA_EXCEEDED:
         return None  # not the message's fault
-    return Outcome.rejected(reason_code)
+    return Outcome.rejected(reason_code, detail)
 
 
 def remaining_expiry(expires_at: float, now: float) -> int:
@@ -48,6 +48,7 @@ class DropResponse:
     throttle: bool  # 0x97 as a DISCONNECT: slow down
     strike: bool  # blame the message that was alone in flight (one step to poison)
     probe: bool  # after the reconnect, publish one at a time until a PUBACK arrives
+    canary: bool  # and prove the connection with a canary publish before the suspect
 
 
 def on_connection_lost(
@@ -57,6 +58,7 @@ def on_connection_lost(
     probing: bool,
     lone_age: float | None,
     closed_by_us: bool,
+    proven: bool = True,
 ) -> DropResponse:
     """Decide after a drop. ``lone_age``: seconds since the only in-flight message was
     sent (None unless exactly one was in flight).
@@ -65,10 +67,16 @@ def on_connection_lost(
     message the target answers by disconnecting (IoT Core on an unauthorized publish;
     Mosquitto 2.0 after PUBACK 0x87). A strike counts only when the probe was the one
     message in flight, the drop can be about a message, it came soon after the probe,
-    and we did not end the connection ourselves.
+    we did not end the connection ourselves, and the connection was ``proven`` first (a
+    canary publish was acknowledged on it): on a flapping network the first publish after
+    each reconnect is cut for reasons of its own, and without the canary a healthy
+    message would be blamed three times and dead-lettered.
     """
+    fault = reason in MESSAGE_FAULTS and not closed_by_us
+    probe = probing or inflight > 0
     strike = (
         probing
+        and proven
         and inflight == 1
         and reason in MESSAGE_FAULTS
         and lone_age is not None
@@ -79,5 +87,6 @@ def on_connection_lost(
         shrink_window=reason == RECEIVE_MAXIMUM_EXCEEDED,
         throttle=reason == QUOTA_EXCEEDED,
         strike=strike,
-        probe=probing or inflight > 0,
+        probe=probe,
+        canary=probe and fault,
     )

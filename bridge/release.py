@@ -52,7 +52,7 @@ class Releaser(Service):
         routes: list[Releasable],
         source: Source,
         target: Target,
-        probe_topic: str,
+        probe_topic: bytes,
         probe_properties: codec.Properties | None,
         tick: float = 0.5,
     ) -> None:
@@ -60,7 +60,7 @@ class Releaser(Service):
         self.routes = routes
         self._source = source
         self._target = target
-        self._probe_topic = probe_topic.encode()
+        self._probe_topic = probe_topic
         self._probe_properties = probe_properties
         self._tick = tick
         self._log = structlog.get_logger().bind(component="release")

@@ -52,13 +52,17 @@ class SourceLink(Link):
         self.subscribed = False
         self.last_received = 0.0
         self.released: set[str] = set()  # given up while the target is down (release.py)
+        self.sessions_lost = 0  # reconnects that found no session: its backlog is gone
+        self._had_session = False
         self._handler = handler
         self._stats = stats
         self._conn: Connection | None = None
         self._acks: AckQueue | None = None
 
     def stats(self) -> LinkStats:
-        return LinkStats(self.index, self.subscribed, self.reconnects)
+        return LinkStats(
+            self.index, self.subscribed, self.reconnects, sessions_lost=self.sessions_lost
+        )
 
     # ---- link hooks ----------------------------------------------------------------
 
@@ -67,12 +71,23 @@ class SourceLink(Link):
         self._conn, self._acks = conn, AckQueue(self.flow, conn, self._stats)
 
     async def _on_connect(self, conn: Connection) -> None:
-        self._log.info(
-            "source.connected",
-            endpoint=str(self.endpoint),
-            client_id=self.options.client_id,
-            session_present=conn.session_present,
-        )
+        if self._had_session and not conn.session_present:
+            self.sessions_lost += 1
+            self._log.warning(
+                "source.session_lost",
+                endpoint=str(self.endpoint),
+                client_id=self.options.client_id,
+                note="the broker no longer had our session: what it held for us is gone "
+                "(broker restarted without persistence, or session_expiry passed)",
+            )
+        else:
+            self._log.info(
+                "source.connected",
+                endpoint=str(self.endpoint),
+                client_id=self.options.client_id,
+                session_present=conn.session_present,
+            )
+        self._had_session = True
         if self._stopping:
             return  # told to leave while connecting: take nothing new
         await self._subscribe(conn)
@@ -97,6 +112,7 @@ class SourceLink(Link):
         if refused:
             raise ConnectionFailed(f"subscription refused: {', '.join(refused)}")
         self.subscribed = True
+        self._did_work()
         self._log.info("source.subscribed", filters=[topic for topic, _ in self.subscriptions])
 
     async def release(self, filters: set[str]) -> None:

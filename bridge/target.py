@@ -79,10 +79,17 @@ class TargetLink(Link):
         pacing: Pacing,
         on_done: OnDone,
         factory: ConnectionFactory = MqttConnection,
+        canary: tuple[bytes, codec.Properties | None] | None = None,
     ) -> None:
         super().__init__(
             index, endpoint, options, connect_timeout, pacing.connect_interval, factory
         )
+        # (topic, properties) of the canary publish that proves a connection before a
+        # suspect message is blamed for breaking it (policy.on_connection_lost).
+        self._canary = canary
+        self._canary_pid: int | None = None
+        self._need_canary = False
+        self._proven = False
         self._loop = asyncio.get_running_loop()
         self.pacer = Pacer(pacing, window, self._loop.time())
         self.queue: deque[Envelope] = deque()
@@ -135,6 +142,12 @@ class TargetLink(Link):
         if conn is None or self._timer is not None:
             return
         queue = self.queue
+        if self._need_canary and not self._proven:
+            # A message already found guilty needs no proof of the connection.
+            while queue and queue[0].drops >= POISON_DROPS:
+                self._on_done(queue.popleft(), POISON)
+            self._send_canary(conn)
+            return
         inflight = self.inflight
         pacer = self.pacer
         window = 1 if self._probing else pacer.window
@@ -179,6 +192,12 @@ class TargetLink(Link):
             self.published += 1
             self._on_done(env, DELIVERED)
 
+    def _send_canary(self, conn: Connection) -> None:
+        if self._canary_pid is not None or self._canary is None:
+            return
+        topic, props = self._canary
+        self._canary_pid = conn.publish(topic, b"", 1, False, props)
+
     def _resume(self) -> None:
         self._timer = None
         self._pump()
@@ -193,6 +212,8 @@ class TargetLink(Link):
     async def _on_connect(self, conn: Connection) -> None:
         self.conn = conn
         self._writable = True
+        self._proven = False
+        self._canary_pid = None
         self.pacer.connected(conn.server_receive_maximum, self._loop.time())
         self._log.info(
             "target.connected",
@@ -212,15 +233,22 @@ class TargetLink(Link):
         return True
 
     def on_puback(self, conn: Connection, packet_id: int, reason_code: int) -> None:
+        self._useful = True  # (Link._did_work, inlined: this is the hot path)
         env = self.inflight.pop(packet_id, None)
         if env is None or conn is not self.conn:
+            if packet_id == self._canary_pid and conn is self.conn:
+                # Answered at all: the connection carries publishes. Now the suspect.
+                self._canary_pid = None
+                self._proven = True
+                self._pump()
+                return
             probe = self._probes.pop(packet_id, None)
             if probe is not None and not probe.done():
                 probe.set_result(reason_code)
             return
         self._probing = False
         now = self._loop.time()
-        outcome = puback_outcome(reason_code)
+        outcome = puback_outcome(reason_code, conn.ack_reason if reason_code >= 0x80 else "")
         if outcome is None:
             self.throttled["quota_exceeded"] += 1
             self.pacer.throttled(now)
@@ -262,6 +290,7 @@ class TargetLink(Link):
             probing=self._probing,
             lone_age=now - lone.sent_at if lone is not None else None,
             closed_by_us=conn.closed_by_us,
+            proven=self._proven or self._canary is None,
         )
         if response.shrink_window:
             self.pacer.shrink_window()
@@ -272,6 +301,7 @@ class TargetLink(Link):
         if response.strike and lone is not None:
             lone.drops += 1
         self._probing = response.probe
+        self._need_canary = response.canary and self._canary is not None
         # In-flight messages go back into the queue in their original order.
         self._requeue(list(self.inflight.values()))
         self.inflight.clear()

@@ -4,11 +4,12 @@ side. Each derivation exists once; the worker (``pipeline``) and ``replay`` both
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable
 
 from bridge import mqtt_codec as codec
 from bridge.archive import ArchiveSettings, S3Archive
-from bridge.config import BridgeConfig, BrokerConfig
+from bridge.config import HOP_MARKER, BridgeConfig, BrokerConfig
 from bridge.flow import Flow
 from bridge.link import ConnectionFactory
 from bridge.membership import Adopt, Registry, settings_of
@@ -30,6 +31,13 @@ def endpoint_of(broker: BrokerConfig) -> Endpoint:
 def password_of(broker: BrokerConfig) -> bytes | None:
     secret = broker.password
     return secret.get_secret_value().encode() if secret is not None else None
+
+
+def probe_of(cfg: BridgeConfig) -> tuple[bytes, codec.Properties | None]:
+    """The probe/canary publish on the target: topic and properties (the hop marker)."""
+    topic = cfg.target.probe_topic.replace("{instance_id}", cfg.instance_id)
+    props = {codec.USER_PROPERTY: [(HOP_MARKER, cfg.instance_id)]}
+    return topic.encode(), props if cfg.target.protocol == "5" else None
 
 
 def make_target(
@@ -64,6 +72,7 @@ def make_target(
                 pacing=pacing,
                 on_done=on_done,
                 factory=factory,
+                canary=probe_of(cfg),
             )
             for i in range(tgt.connections)
         ]
@@ -175,7 +184,9 @@ def make_members(
         return None
     src = cfg.source
     options = SessionOptions(
-        client_id=f"{cfg.instance_id}-members",
+        # Per process (no session to resume): two workers with one instance_id must both
+        # stay connected here to see each other's records.
+        client_id=f"{cfg.instance_id}-members-{secrets.token_hex(3)}",
         protocol=protocol_level(src),
         clean_start=True,
         keepalive=src.keepalive,

@@ -40,6 +40,8 @@ class FakeConnection:
     fail_connect: str | None = None
     session_present: bool = False
     disconnect_reason: int | None = None
+    disconnect_detail: str = ""
+    ack_reason: str = ""
     closed_by_us: bool = False
     server_receive_maximum: int = 65535
     has_unread: bool = False
@@ -123,7 +125,7 @@ class Factory:
         return conn
 
     async def connected(self, count: int) -> FakeConnection:
-        for _ in range(500):
+        for _ in range(1500):
             if len(self.made) >= count and self.made[-1].fail_connect is None:
                 await asyncio.sleep(0)
                 return self.made[-1]
@@ -167,8 +169,13 @@ async def running(link: TargetLink | SourceLink) -> AsyncIterator[None]:
             await runner
 
 
-def target_link(factory: Factory, done: Callable[[Envelope, Outcome], None]) -> TargetLink:
-    return TargetLink(0, ENDPOINT, OPTIONS, 10, 1.0, Pacing(), done, factory=factory)
+def target_link(
+    factory: Factory, done: Callable[[Envelope, Outcome], None], canary: bool = False
+) -> TargetLink:
+    return TargetLink(
+        0, ENDPOINT, OPTIONS, 10, 1.0, Pacing(), done, factory=factory,
+        canary=(b"probe", None) if canary else None,
+    )  # fmt: skip
 
 
 async def test_target_link_delivers_in_order_and_republishes_after_a_drop() -> None:
@@ -228,6 +235,40 @@ async def test_a_message_that_breaks_the_connection_every_time_is_poison() -> No
             conn = await factory.connected(attempt + 1)
         assert outcomes.seen == [(b"1", POISON)]
         assert conn.published[-1][2] == b"2"  # the stream goes on behind it
+
+
+async def test_a_flapping_network_does_not_make_a_healthy_message_poison() -> None:
+    factory, outcomes = Factory(), Outcomes()
+    link = target_link(factory, outcomes, canary=True)
+    async with running(link):
+        conn = await factory.connected(1)
+        link.submit(envelope(1))
+        # The network cuts the connection right after the first PUBLISH, again and again.
+        for attempt in range(1, POISON_DROPS + 3):
+            conn.drop()
+            conn = await factory.connected(attempt + 1)
+            # The first PUBLISH on a new connection is the canary, not the suspect.
+            assert [t for _, t, _ in conn.published] == [b"probe"]
+        link.on_puback(conn, 1, 0)  # the network heals: the canary is answered
+        assert [p for _, _, p in conn.published] == [b"", b"1"]
+        link.on_puback(conn, 2, 0)
+        assert outcomes.seen == [(b"1", DELIVERED)]
+
+
+async def test_with_a_canary_a_real_poison_message_is_still_found() -> None:
+    factory, outcomes = Factory(), Outcomes()
+    link = target_link(factory, outcomes, canary=True)
+    async with running(link):
+        conn = await factory.connected(1)
+        link.submit(envelope(1))
+        conn.drop()  # in flight when the connection broke: probe it
+        for attempt in range(2, POISON_DROPS + 2):
+            conn = await factory.connected(attempt)
+            link.on_puback(conn, 1, 0)  # the canary goes through...
+            assert conn.published[-1][2] == b"1"
+            conn.drop()  # ...and the suspect breaks the connection
+        await factory.connected(POISON_DROPS + 2)
+        assert outcomes.seen == [(b"1", POISON)]
 
 
 async def test_expired_messages_are_not_sent() -> None:

@@ -257,3 +257,78 @@ def test_target_down_releases_the_share_to_the_legacy_member(rig: Rig) -> None:
     # Without the release the worker takes half while its target is down (2,000 here).
     assert taken_by_legacy > 3000
     assert worker.metrics()["route_releases"] == 1
+
+
+def test_a_reconnect_that_finds_no_session_is_a_warning_and_a_counter(rig: Rig) -> None:
+    worker = rig.worker([{"source": f"{rig.prefix}/#"}], instance_id="w")
+    rig.source.stop()
+    for db in rig.source.workdir.glob("*.db"):
+        db.unlink()  # the broker comes back without our session (and its backlog)
+    rig.source.start()
+    wait_until(lambda: worker.metrics()["source_sessions_lost"] == 1, 30, what="the counter")
+    assert '"source.session_lost"' in worker.log_tail(100_000)
+
+
+def test_share_subscription_is_renewed_after_a_broker_restart(rig: Rig) -> None:
+    # Mosquitto 2.0.11 restores a persistent session but not its $share subscription.
+    routes = [{"source": f"{rig.prefix}/+", "share_group": "g", "target": "{topic}"}]
+    worker = rig.worker(routes, instance_id="w")
+    rig.source.stop()
+    rig.source.start()
+    wait_until(worker.ready, 30, what="ready again")
+    with (
+        Collector(rig.target.url, f"{rig.prefix}/#") as collector,
+        Publisher(rig.source.url) as pub,
+    ):
+        pub.publish_numbered([f"{rig.prefix}/a"], 5)
+        pub.wait_acked()
+        collector.wait_for(5, 30)
+        report = check(pub.acked(), collector.messages)
+    assert report.lost == 0, report
+
+
+def test_two_workers_with_one_instance_id_the_younger_stops_with_one_line(rig: Rig) -> None:
+    routes = [{"source": f"{rig.prefix}/+", "share_group": "g", "target": "{topic}"}]
+    fast = {"membership": FAST_MEMBERSHIP}
+    first = rig.worker(routes, instance_id="twin", name="twin-1", **fast)
+    second = rig.worker(routes, instance_id="twin", name="twin-2", start=False, **fast)
+    second.start(wait_ready=False)
+    code = second.wait(30)
+    log = second.log_tail(100_000)
+    errors = [line for line in log.splitlines() if line.startswith("error:")]
+    assert code == 2, log
+    assert errors == [
+        "error: another live worker uses client id 'twin-src' "
+        + errors[0].split("'twin-src' ", 1)[1]
+    ]
+    assert "two workers share instance_id 'twin'" in errors[0]
+    assert "Traceback" not in log
+    wait_until(first.ready, 30, what="the first worker still serving")
+
+
+def test_mqtt311_adoption_racing_a_restart_stays_lossless(rig: Rig) -> None:
+    # MQTT 3.1.1 has no Will delay: the kill makes the record "gone" at once, so the
+    # other worker adopts while the killed one is restarting. Whoever connects last
+    # takes the session over; what the other had not acknowledged is redelivered.
+    routes = [{"source": f"{rig.prefix}/+", "share_group": "g", "target": "{topic}"}]
+    settings = {"source_protocol": "3.1.1", "membership": FAST_MEMBERSHIP}
+    a = rig.worker(routes, instance_id="a", **settings)
+    rig.worker(routes, instance_id="b", **settings)
+    topics = [f"{rig.prefix}/{i}" for i in range(4)]
+    with (
+        Collector(rig.target.url, f"{rig.prefix}/#") as collector,
+        Publisher(rig.source.url) as pub,
+    ):
+        publishing = pub.publish_in_background(topics, 4000, rate=400)
+        wait_until(lambda: pub.sent >= 1000, 30, what="1000 sent")
+        a.signal(signal.SIGKILL)
+        a.wait(10)
+        again = Worker(rig.tmp, a.cfg, name="a-again")
+        rig.workers.append(again.start())
+        publishing.join(60)
+        pub.wait_acked(60)
+        collector.wait_for(4000, 60)
+        time.sleep(0.5)
+        report = check(pub.acked(), collector.messages)
+    print(report)
+    assert report.lost == 0, report.lost_examples
