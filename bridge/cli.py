@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import yaml
 
 from bridge import __version__
-from bridge.config import BridgeConfig, cross_check, load_config
+from bridge.config import BridgeConfig, cross_check, load_config, located
 from bridge.errors import ConfigError
 
 
@@ -73,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from bridge.runtime import run_worker
 
     try:
-        return run_worker(cfg, args.log_format)
+        return run_worker(cfg, args.log_format, args.config)
     except KeyboardInterrupt:
         return 130
 
@@ -129,7 +129,7 @@ def _check(paths: list[str], quiet: bool) -> int:
         try:
             configs[path] = load_config(path)
         except ConfigError as exc:
-            problems += [p if p.startswith(path) else f"{path}: {p}" for p in exc.problems]
+            problems += located(path, exc.problems)
     problems += cross_check(configs)
     if problems:
         for problem in problems:

@@ -52,6 +52,10 @@ class Target(Protocol):
 
     def connections(self) -> list[LinkStats]: ...
 
+    def repace(self, pacing: Pacing) -> None:
+        """New rates for every connection, from now on (a live reload); nothing is resent."""
+        ...
+
     async def close(self) -> None:
         """Disconnect; envelopes still queued get no outcome (their sources redeliver)."""
         ...
@@ -180,6 +184,12 @@ class TargetLink(Link):
             self._timer.cancel()
             self._timer = None
 
+    def repace(self, pacing: Pacing) -> None:
+        self.pacer.repace(pacing, self._loop.time())
+        # A wait computed at the old rate may now be too long: compute it again.
+        self._cancel_timer()
+        self._pump()
+
     # ---- link hooks ----------------------------------------------------------------
 
     async def _on_connect(self, conn: Connection) -> None:
@@ -302,6 +312,10 @@ class TargetPool(Service):
 
     def connections(self) -> list[LinkStats]:
         return [link.stats() for link in self.links]
+
+    def repace(self, pacing: Pacing) -> None:
+        for link in self.links:
+            link.repace(pacing)
 
     async def close(self) -> None:
         await asyncio.gather(*(link.close() for link in self.links))
