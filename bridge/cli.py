@@ -48,6 +48,23 @@ def _parser() -> argparse.ArgumentParser:
         help="publish to the source topic, not target_topic",
     )
     replay.add_argument("--dry-run", action="store_true", help="read and count, publish nothing")
+    sync = sub.add_parser(
+        "sync-retained",
+        help="copy the source's retained messages to the target (shared subscriptions get none)",
+    )
+    sync.add_argument("--config", required=True, metavar="FILE")
+    sync.add_argument("--route", metavar="R", help="only this route (its name or filter)")
+    sync.add_argument("--dry-run", action="store_true", help="take and count, publish nothing")
+    sync.add_argument(
+        "--quiet",
+        type=float,
+        default=2.0,
+        metavar="S",
+        help="done once nothing is in flight and nothing arrived for S seconds (default 2)",
+    )
+    sync.add_argument(
+        "--timeout", type=float, default=300.0, metavar="S", help="give up after S seconds"
+    )
     health = sub.add_parser(
         "health", help="exit 0 when a worker's /healthz answers 200 (HEALTHCHECK)"
     )
@@ -66,6 +83,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = load_config(args.config)
         if args.command == "replay":
             return _replay(cfg, args)
+        if args.command == "sync-retained":
+            return _sync_retained(cfg, args)
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"error: {problem}", file=sys.stderr)
@@ -120,6 +139,30 @@ def _replay(cfg: BridgeConfig, args: argparse.Namespace) -> int:
             raise ConfigError([f"replay: {exc}"]) from None
     print("\n".join(summary.lines()))
     return 1 if summary.errors or summary.rejected else 0
+
+
+def _sync_retained(cfg: BridgeConfig, args: argparse.Namespace) -> int:
+    import asyncio
+
+    from bridge.retained import RetainedSync, SyncOptions, SyncSummary, select_routes
+    from bridge.runtime import new_event_loop, setup_logging
+
+    if args.quiet <= 0 or args.timeout <= 0:
+        raise ConfigError(["sync-retained: --quiet and --timeout must be positive"])
+    try:
+        select_routes(cfg, args.route)
+    except ValueError as exc:
+        raise ConfigError([f"sync-retained: {exc}"]) from None
+    opts = SyncOptions(args.route, args.dry_run, args.quiet, args.timeout)
+    setup_logging(cfg.log.format, "warning", direction=cfg.direction, instance=cfg.instance_id)
+
+    async def sync() -> SyncSummary:
+        return await RetainedSync(cfg, opts).run()
+
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        summary = runner.run(sync())
+    print("\n".join(summary.lines()))
+    return 0 if summary.ok else 1
 
 
 def _check(paths: list[str], quiet: bool) -> int:
