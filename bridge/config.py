@@ -434,6 +434,21 @@ class BridgeConfig(BaseSettings):
                     "route (the legacy consumers'); a copy route needs a plain subscription or "
                     "a share group only bridge workers join"
                 )
+        # A message does not say which subscription brought it: the first matching route
+        # gets it. A takeover message gated by a copy route's cohort would reach no one.
+        for i, route in enumerate(self.routes):
+            if route.mode != "copy":
+                continue
+            mine = filter_pattern(TopicFilter.parse(route.source))
+            for j, other in enumerate(self.routes):
+                theirs = filter_pattern(TopicFilter.parse(other.source))
+                if other.mode == "takeover" and patterns_overlap(mine, theirs):
+                    raise ValueError(
+                        f"routes[{i}].source: {route.source!r} overlaps the takeover route "
+                        f"routes[{j}] ({other.source!r}): a worker cannot tell which "
+                        "subscription a message came through; run the copy route in workers "
+                        "of its own"
+                    )
         return self
 
     @model_validator(mode="after")

@@ -151,6 +151,12 @@ def test_valid_config_prints_effective_config(
             "consumers'); a copy route needs a plain subscription or a share group only bridge "
             "workers join",
         ),
+        (
+            {"routes": [BASE["routes"][0], {"source": "devices/#", "mode": "copy"}]},
+            "routes[1].source: 'devices/#' overlaps the takeover route routes[0] "
+            "('devices/+/telemetry'): a worker cannot tell which subscription a message came "
+            "through; run the copy route in workers of its own",
+        ),
     ],
 )
 def test_each_error_is_one_precise_line(
@@ -291,9 +297,11 @@ def test_copy_route_with_cohort(
         "device": "{1}",
         "cohort": {"percent": 2.5, "include_file": str(canary)},
     }
-    code, out, err = run_check(capsys, write(tmp_path, with_(routes=[BASE["routes"][0], route])))
+    # A shadow worker's file: the copy route only (beside a takeover route on the same
+    # filter, check refuses it).
+    code, out, err = run_check(capsys, write(tmp_path, with_(routes=[route])))
     assert (code, err) == (0, "")
-    shown = yaml.safe_load(out)["routes"][1]
+    shown = yaml.safe_load(out)["routes"][0]
     assert shown["mode"] == "copy"
     assert shown["cohort"] == {"percent": 2.5, "include_file": str(canary), "exclude_file": None}
     # Routes are a list: the environment sets them whole, as JSON.
