@@ -158,7 +158,11 @@ class Reloader(Service):
         while True:
             await self._wanted.wait()
             self._wanted.clear()
-            await self.reload()
+            try:
+                await self.reload()
+            except Exception:  # a reload must never take the worker down
+                self._stats.reloads["refused"] += 1
+                self._log.exception("reload.failed", path=self.path, note="nothing changed")
 
     async def reload(self) -> bool:
         """Read, validate and apply the file; True when applied."""

@@ -218,6 +218,11 @@ def test_cohort_is_whole_devices_and_sighup_widens_it_without_loss(
         assert numbers == list(range(numbers[0], 5)), (d, numbers)
         assert numbers[0] >= 1  # round 0 was taken under the 10 % cohort
     everything = check(acked, target.messages, to_target)
+    print(
+        f"devices={len(DEVICES)} at 10 %: {len(in10)}, at 30 %: {len(in30)} (added {len(added)});"
+        f" received={m['received']:.0f} published={m['published']:.0f}"
+        f" skipped={m['skipped']:.0f}; 10 % devices: {report}; all: {everything}"
+    )
     assert (everything.duplicated, everything.unexpected, everything.out_of_order) == (0, 0, 0)
     assert m["reloads{result=refused}"] == 0
     assert m["cohort_percent{route=shadow}"] == 30

@@ -110,6 +110,7 @@ def test_sync_retained_carries_retained_state_and_a_delete(rig: Rig, tmp_path: P
             # A delete on the source while the sync runs (dev00 is in the cohort).
             pub.client.publish(f"{p}/dev00/status", b"", qos=1, retain=True).wait_for_publish(10)
         out, err = proc.communicate(timeout=120)
+    print(out)
     assert proc.returncode == 0, err
     counts = summary(out)
     assert counts == {
