@@ -14,8 +14,9 @@ import yaml
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from tests.conftest import Rig
+from tests.conftest import S3, Rig
 from tests.harness import ROOT, Collector, Publisher, bridge_config, free_port, wait_until
+from tests.test_archive import archived
 
 
 def sync_command(config: Path, *args: str) -> list[str]:
@@ -185,3 +186,38 @@ def test_sync_retained_fails_loudly_and_leaves_a_running_worker_alone(
         "error: not done within --timeout 3 s: the source subscription did not succeed"
         in unreachable.stdout
     )
+
+
+def test_sync_retained_archives_like_the_live_flow(rig: Rig, s3: S3, tmp_path: Path) -> None:
+    p = rig.prefix
+    routes = [{"source": f"{p}/+/status", "name": "status", "target": f"{p}-dt/{{1}}/status"}]
+    backup = {"s3": {"bucket": s3.bucket, "prefix": "arch", "endpoint_url": s3.url,
+                     "region": "us-east-1", "flush_interval": 0.5, "mode": "required"}}  # fmt: skip
+    cfg = bridge_config(
+        rig.source.url,
+        rig.target.url,
+        routes,
+        backup=backup,
+        target={"limits": {"max_payload": 100}},
+    )
+    with Publisher(rig.source.url) as pub:
+        for i in range(10):
+            pub.publish(f"{p}/d{i}/status", 0, retain=True)
+        pub.publish(f"{p}/big/status", 0, retain=True, size=200)
+        pub.wait_acked()
+    done = run_sync(write_config(tmp_path, cfg), "--quiet", "1")
+    assert done.returncode == 1  # the dead letter
+    counts = summary(done.stdout)
+    assert (counts["topics"], counts["published"], counts["dead-lettered"]) == (11, 10, 1)
+    records = archived(s3)
+    kept = [r for r in records if "/dead-letter/" not in "/" + r["_key"]]
+    dead = [r for r in records if r["_key"].startswith("arch/dead-letter/")]
+    # As in the live flow: what goes to the target is archived, what breaks the target's
+    # limits is a dead letter; both under the sync's own name.
+    assert sorted(r["topic"] for r in kept) == sorted(f"{p}/d{i}/status" for i in range(10))
+    assert [r["topic"] for r in dead] == [f"{p}/big/status"]
+    assert dead[0]["reason"] == "payload_too_large: 200 bytes > 100"
+    for r in records:
+        assert "/w-0-sync-" in r["_key"], r["_key"]
+        assert r["instance"] == "w-0-sync"
+        assert r["retain"] is True
