@@ -65,6 +65,12 @@ def _parser() -> argparse.ArgumentParser:
     sync.add_argument(
         "--timeout", type=float, default=300.0, metavar="S", help="give up after S seconds"
     )
+    cohort = sub.add_parser(
+        "cohort", help="which devices a route's cohort holds (ids as arguments or on stdin)"
+    )
+    cohort.add_argument("--config", required=True, metavar="FILE")
+    cohort.add_argument("--route", metavar="R", help="the route (its name or filter)")
+    cohort.add_argument("devices", nargs="*", metavar="DEVICE", help="default: one id per line")
     health = sub.add_parser(
         "health", help="exit 0 when a worker's /healthz answers 200 (HEALTHCHECK)"
     )
@@ -85,6 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _replay(cfg, args)
         if args.command == "sync-retained":
             return _sync_retained(cfg, args)
+        if args.command == "cohort":
+            return _cohort(cfg, args.route, args.devices)
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"error: {problem}", file=sys.stderr)
@@ -163,6 +171,24 @@ def _sync_retained(cfg: BridgeConfig, args: argparse.Namespace) -> int:
         summary = runner.run(sync())
     print("\n".join(summary.lines()))
     return 0 if summary.ok else 1
+
+
+def _cohort(cfg: BridgeConfig, route: str | None, devices: list[str]) -> int:
+    """One line per device: id, position (the percent from which it is in), in|out, why."""
+    from bridge.cohort import position
+
+    gated = [r for r in cfg.routes if r.cohort is not None and route in (None, r.label, r.source)]
+    if len(gated) != 1:
+        have = ", ".join(r.label for r in cfg.routes if r.cohort is not None) or "none"
+        which = f"--route {route!r} names no route" if route else "name one with --route"
+        raise ConfigError([f"cohort: {which} with a cohort (routes with one: {have})"])
+    assert gated[0].cohort is not None
+    cohort = gated[0].cohort.cohort
+    for device in devices or (line.strip() for line in sys.stdin):
+        if device:
+            verdict = "in" if device in cohort else "out"
+            print(f"{device}\t{position(device):.6f}\t{verdict}\t{cohort.why(device)}")
+    return 0
 
 
 def _check(paths: list[str], quiet: bool) -> int:

@@ -63,6 +63,12 @@ class Cohort:
         # device leave when percent grows.
         return device in self.include or point(device) * 100 < self.percent * _SPACE
 
+    def why(self, device: str) -> str:
+        """Why a device is in or out: ``exclude_file``, ``include_file`` or ``percent``."""
+        if device in self.exclude:
+            return "exclude_file"
+        return "include_file" if device in self.include else "percent"
+
 
 @dataclass(frozen=True, slots=True)
 class CohortGate:

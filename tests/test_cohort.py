@@ -3,6 +3,7 @@ widening (SIGHUP) that only adds devices and loses nothing, against real Mosquit
 
 from __future__ import annotations
 
+import io
 import signal
 from collections import defaultdict
 from pathlib import Path
@@ -13,6 +14,7 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
+from bridge.cli import main
 from bridge.cohort import Cohort, CohortGate, point, position, read_device_list
 from bridge.routing import TopicFilter, TopicTemplate
 from tests.conftest import Rig
@@ -103,6 +105,41 @@ def test_gate_takes_the_device_from_the_captures() -> None:
     assert not gate.admits("other/topic")
     single = CohortGate(topic_filter, TopicTemplate.parse("{2}", topic_filter), cohort)
     assert single.device_of("fleet/eu/devices/d7/status") == "d7"
+
+
+def test_cohort_command_tells_which_devices_are_in(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "out.txt").write_text("dev-1\n")
+    route = {
+        "source": "devices/+/telemetry",
+        "name": "shadow",
+        "mode": "copy",
+        "device": "{1}",
+        "cohort": {"percent": 2, "exclude_file": str(tmp_path / "out.txt")},
+    }
+    cfg = {
+        "instance_id": "s-0",
+        "direction": "dtb",
+        "source": {"url": "mqtt://127.0.0.1:1883"},
+        "target": {"url": "mqtt://127.0.0.1:1884"},
+        "routes": [route],
+    }
+    path = tmp_path / "shadow.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["cohort", "--config", str(path), "device-42", "dev-0", "dev-1"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "device-42\t1.531093\tin\tpercent",
+        "dev-0\t22.908352\tout\tpercent",
+        "dev-1\t1.380893\tout\texclude_file",
+    ]
+    monkeypatch.setattr("sys.stdin", io.StringIO("dev-0\n\n"))
+    assert main(["cohort", "--config", str(path), "--route", "shadow"]) == 0
+    assert capsys.readouterr().out == "dev-0\t22.908352\tout\tpercent\n"
+    assert main(["cohort", "--config", str(path), "--route", "other"]) == 2
+    assert capsys.readouterr().err == (
+        "error: cohort: --route 'other' names no route with a cohort (routes with one: shadow)\n"
+    )
 
 
 # ---- end to end --------------------------------------------------------------------
