@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import yaml
 
 from bridge import __version__
-from bridge.config import BridgeConfig, cross_check, load_config
+from bridge.config import BridgeConfig, cross_check, load_config, located
 from bridge.errors import ConfigError
 
 
@@ -57,6 +57,29 @@ def _parser() -> argparse.ArgumentParser:
     )
     adopt.add_argument("--config", required=True, metavar="FILE", help="routes and target")
     adopt.add_argument("--client-id", required=True, metavar="ID", help="the session's client id")
+    sync = sub.add_parser(
+        "sync-retained",
+        help="copy the source's retained messages to the target (shared subscriptions get none)",
+    )
+    sync.add_argument("--config", required=True, metavar="FILE")
+    sync.add_argument("--route", metavar="R", help="only this route (its name or filter)")
+    sync.add_argument("--dry-run", action="store_true", help="take and count, publish nothing")
+    sync.add_argument(
+        "--quiet",
+        type=float,
+        default=2.0,
+        metavar="S",
+        help="done once nothing is in flight and nothing arrived for S seconds (default 2)",
+    )
+    sync.add_argument(
+        "--timeout", type=float, default=300.0, metavar="S", help="give up after S seconds"
+    )
+    cohort = sub.add_parser(
+        "cohort", help="which devices a route's cohort holds (ids as arguments or on stdin)"
+    )
+    cohort.add_argument("--config", required=True, metavar="FILE")
+    cohort.add_argument("--route", metavar="R", help="the route (its name or filter)")
+    cohort.add_argument("devices", nargs="*", metavar="DEVICE", help="default: one id per line")
     health = sub.add_parser(
         "health", help="exit 0 when a worker's /healthz answers 200 (HEALTHCHECK)"
     )
@@ -77,6 +100,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _replay(cfg, args)
         if args.command in ("sessions", "adopt"):
             return _sessions(cfg, args)
+        if args.command == "sync-retained":
+            return _sync_retained(cfg, args)
+        if args.command == "cohort":
+            return _cohort(cfg, args.route, args.devices)
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"error: {problem}", file=sys.stderr)
@@ -84,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from bridge.runtime import run_worker
 
     try:
-        return run_worker(cfg, args.log_format)
+        return run_worker(cfg, args.log_format, args.config)
     except KeyboardInterrupt:
         return 130
 
@@ -161,6 +188,48 @@ def _sessions(cfg: BridgeConfig, args: argparse.Namespace) -> int:
     return 1
 
 
+def _sync_retained(cfg: BridgeConfig, args: argparse.Namespace) -> int:
+    import asyncio
+
+    from bridge.retained import RetainedSync, SyncOptions, SyncSummary, select_routes
+    from bridge.runtime import new_event_loop, setup_logging
+
+    if args.quiet <= 0 or args.timeout <= 0:
+        raise ConfigError(["sync-retained: --quiet and --timeout must be positive"])
+    try:
+        select_routes(cfg, args.route)
+    except ValueError as exc:
+        raise ConfigError([f"sync-retained: {exc}"]) from None
+    opts = SyncOptions(args.route, args.dry_run, args.quiet, args.timeout)
+    setup_logging(cfg.log.format, "warning", direction=cfg.direction, instance=cfg.instance_id)
+
+    async def sync() -> SyncSummary:
+        return await RetainedSync(cfg, opts).run()
+
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        summary = runner.run(sync())
+    print("\n".join(summary.lines()))
+    return 0 if summary.ok else 1
+
+
+def _cohort(cfg: BridgeConfig, route: str | None, devices: list[str]) -> int:
+    """One line per device: id, position (the percent from which it is in), in|out, why."""
+    from bridge.cohort import position
+
+    gated = [r for r in cfg.routes if r.cohort is not None and route in (None, r.label, r.source)]
+    if len(gated) != 1:
+        have = ", ".join(r.label for r in cfg.routes if r.cohort is not None) or "none"
+        which = f"--route {route!r} names no route" if route else "name one with --route"
+        raise ConfigError([f"cohort: {which} with a cohort (routes with one: {have})"])
+    assert gated[0].cohort is not None
+    cohort = gated[0].cohort.cohort
+    for device in devices or (line.strip() for line in sys.stdin):
+        if device:
+            verdict = "in" if device in cohort else "out"
+            print(f"{device}\t{position(device):.6f}\t{verdict}\t{cohort.why(device)}")
+    return 0
+
+
 def _check(paths: list[str], quiet: bool) -> int:
     configs: dict[str, BridgeConfig] = {}
     problems: list[str] = []
@@ -168,7 +237,7 @@ def _check(paths: list[str], quiet: bool) -> int:
         try:
             configs[path] = load_config(path)
         except ConfigError as exc:
-            problems += [p if p.startswith(path) else f"{path}: {p}" for p in exc.problems]
+            problems += located(path, exc.problems)
     problems += cross_check(configs)
     if problems:
         for problem in problems:

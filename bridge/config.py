@@ -27,6 +27,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from bridge.cohort import Cohort, CohortGate, read_device_list
 from bridge.errors import ConfigError
 from bridge.limits import AWS_CLIENT_ID_MAX, AWS_IOT_LIMITS, AWS_KEEPALIVE_RANGE, TopicLimits
 from bridge.routing import (
@@ -209,6 +210,32 @@ class TargetConfig(BrokerConfig):
         return value
 
 
+class CohortConfig(Section):
+    """The devices a copy route carries: a stable share of them, plus and minus lists."""
+
+    percent: Annotated[float, Field(ge=0, le=100, allow_inf_nan=False)]
+    include_file: ReadableFile | None = None  # ids always in (one per line, # comments)
+    exclude_file: ReadableFile | None = None  # ids never in; wins over include_file
+    _cohort: Cohort | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _read_lists(self) -> CohortConfig:
+        lists = {}
+        for key in ("include_file", "exclude_file"):
+            path = getattr(self, key)
+            try:
+                lists[key] = read_device_list(path) if path is not None else frozenset()
+            except ValueError as exc:
+                raise ValueError(f"{key}: {exc}") from None
+        self._cohort = Cohort(self.percent, lists["include_file"], lists["exclude_file"])
+        return self
+
+    @property
+    def cohort(self) -> Cohort:
+        assert self._cohort is not None
+        return self._cohort
+
+
 class RouteConfig(Section):
     source: str
     share_group: str | None = None
@@ -219,6 +246,11 @@ class RouteConfig(Section):
     # Give the share back after this many seconds without any target connection
     # (bridge/release.py); only for a share group that has other consumers.
     release_when_target_down: Annotated[float, Field(gt=0, le=86400)] | None = None
+    # takeover: consume in the legacy consumers' share group (take their messages);
+    # copy: consume on the bridge's own subscription, the legacy consumers keep theirs.
+    mode: Literal["takeover", "copy"] = "takeover"
+    device: str | None = None  # the device key, from the captures: "{1}"
+    cohort: CohortConfig | None = None
 
     @field_validator("qos", mode="before")
     @classmethod
@@ -257,9 +289,43 @@ class RouteConfig(Section):
             )
         return self
 
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str | None, info: ValidationInfo) -> str | None:
+        source = info.data.get("source")
+        if value is not None and source is not None:
+            try:
+                TopicTemplate.parse(value, TopicFilter.parse(source))
+            except ValueError as exc:
+                raise ValueError(str(exc).replace("target topic", "device key")) from None
+        return value
+
+    @field_validator("cohort")
+    @classmethod
+    def _check_cohort(cls, value: CohortConfig | None, info: ValidationInfo) -> CohortConfig | None:
+        if value is None:
+            return value
+        if info.data.get("mode") == "takeover":
+            raise ValueError(
+                "a cohort needs mode: copy. A takeover route takes its messages from the "
+                "legacy consumers' share group, so the devices outside the cohort would "
+                "reach no one"
+            )
+        if "device" in info.data and info.data["device"] is None:
+            raise ValueError('a cohort needs device: the device key, e.g. device: "{1}"')
+        return value
+
     @property
     def label(self) -> str:
         return self.name or self.source
+
+    def gate(self) -> CohortGate | None:
+        """The cohort applied to this route's topics, or None (every device)."""
+        if self.cohort is None or self.device is None:
+            return None
+        topic_filter = TopicFilter.parse(self.source)
+        device = TopicTemplate.parse(self.device, topic_filter)
+        return CohortGate(topic_filter, device, self.cohort.cohort)
 
     @property
     def subscription(self) -> str:
@@ -404,6 +470,35 @@ class BridgeConfig(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _copy_routes_own_their_group(self) -> BridgeConfig:
+        # A takeover route's share group is the legacy consumers' group; a copy route in
+        # it would take their messages instead of copying them.
+        legacy = {r.share_group for r in self.routes if r.mode == "takeover" and r.share_group}
+        for i, route in enumerate(self.routes):
+            if route.mode == "copy" and route.share_group in legacy:
+                raise ValueError(
+                    f"routes[{i}].share_group: {route.share_group!r} is the group of a takeover "
+                    "route (the legacy consumers'); a copy route needs a plain subscription or "
+                    "a share group only bridge workers join"
+                )
+        # A message does not say which subscription brought it: the first matching route
+        # gets it. A takeover message gated by a copy route's cohort would reach no one.
+        for i, route in enumerate(self.routes):
+            if route.mode != "copy":
+                continue
+            mine = filter_pattern(TopicFilter.parse(route.source))
+            for j, other in enumerate(self.routes):
+                theirs = filter_pattern(TopicFilter.parse(other.source))
+                if other.mode == "takeover" and patterns_overlap(mine, theirs):
+                    raise ValueError(
+                        f"routes[{i}].source: {route.source!r} overlaps the takeover route "
+                        f"routes[{j}] ({other.source!r}): a worker cannot tell which "
+                        "subscription a message came through; run the copy route in workers "
+                        "of its own"
+                    )
+        return self
+
+    @model_validator(mode="after")
     def _client_ids_fit(self) -> BridgeConfig:
         for side, ids in (
             ("source", [self.source_client_id(i) for i in range(self.source_connections)]),
@@ -512,6 +607,11 @@ def load_config(path: str | Path) -> BridgeConfig:
         return BridgeConfig(**raw)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc)) from None
+
+
+def located(path: str, problems: list[str]) -> list[str]:
+    """Problems as ``check`` prints them: each starts with the file it is about."""
+    return [p if p.startswith(path) else f"{path}: {p}" for p in problems]
 
 
 def cross_check(configs: dict[str, BridgeConfig]) -> list[str]:

@@ -39,6 +39,8 @@ class Probe:
     loop_lag: Callable[[], float] = lambda: 0.0
     releases: Callable[[], list[Releasable]] = list
     adoptions: Callable[[], tuple[int, int]] = lambda: (0, 0)  # (done, unfinished)
+    # (route label, percent) of the routes with a cohort, as the last reload left them.
+    cohorts: Callable[[], list[tuple[str, float]]] = list
 
 
 class BridgeCollector(Collector):
@@ -78,6 +80,7 @@ class BridgeCollector(Collector):
         for name, counts, doc in (
             ("dropped", s.dropped, "Messages dropped, by reason (never silently)."),
             ("dead_lettered", s.dead_lettered, "Messages sent to the dead-letter sink, by reason."),
+            ("skipped", s.skipped, "Messages acknowledged, not forwarded: outside the cohort."),
         ):
             family = CounterMetricFamily(
                 f"mqtt_bridge_{name}", doc, labels=["direction", "route", "reason"]
@@ -118,6 +121,22 @@ class BridgeCollector(Collector):
             gauge = GaugeMetricFamily(f"mqtt_bridge_{name}", doc, labels=["direction"])
             gauge.add_metric([d], reading)
             yield gauge
+        reloads = CounterMetricFamily(
+            "mqtt_bridge_reloads",
+            "Configuration reloads (SIGHUP), by result: applied or refused.",
+            labels=["direction", "result"],
+        )
+        for result, count in sorted(s.reloads.items()):
+            reloads.add_metric([d, result], count)
+        yield reloads
+        percent = GaugeMetricFamily(
+            "mqtt_bridge_cohort_percent",
+            "The cohort's percent of devices on a copy route (include/exclude lists aside).",
+            labels=["direction", "route"],
+        )
+        for label, share in p.cohorts():
+            percent.add_metric([d, label], share)
+        yield percent
         yield from self._connections(d)
         if p.archive is not None:
             yield from self._archive(d, p.archive)

@@ -31,14 +31,17 @@ class TokenBucket:
 
     def delay(self, amount: float, now: float) -> float:
         """Take ``amount`` and return 0, or return the seconds to wait before trying again."""
-        if now > self.stamp:
-            self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
-            self.stamp = now
+        self.refill(now)
         needed = min(amount, self.capacity)
         if self.tokens >= needed:
             self.tokens -= amount
             return 0.0
         return (needed - self.tokens) / self.rate
+
+    def refill(self, now: float) -> None:
+        if now > self.stamp:
+            self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
+            self.stamp = now
 
     def set_rate(self, rate: float, burst: float) -> None:
         self.rate = rate
@@ -82,13 +85,19 @@ class Pacer:
         # The window before throttling: ours, capped by the server's Receive Maximum.
         self._window_cap = window
         self._throttle = Throttle()
-        self._messages = (
-            TokenBucket(pacing.publish_rate, pacing.burst, now) if pacing.publish_rate else None
-        )
-        self._bytes = (
-            TokenBucket(pacing.bytes_rate, pacing.burst, now) if pacing.bytes_rate else None
-        )
+        self._messages = _bucket(None, pacing.publish_rate, pacing.burst, now)
+        self._bytes = _bucket(None, pacing.bytes_rate, pacing.burst, now)
         self.paced = self._messages is not None or self._bytes is not None
+
+    def repace(self, pacing: Pacing, now: float) -> None:
+        """New rates (a live reload). Tokens earned so far stay (up to the new capacity), and
+        a throttle still in force applies to the new rate as it did to the old one."""
+        self.pacing = pacing
+        self._messages = _bucket(self._messages, pacing.publish_rate, pacing.burst, now)
+        self._bytes = _bucket(self._bytes, pacing.bytes_rate, pacing.burst, now)
+        self.paced = self._messages is not None or self._bytes is not None
+        self.window = self._window_cap  # the throttle moves to the rate when newly paced
+        self.recover(now)
 
     @property
     def rate_limit(self) -> float:
@@ -130,3 +139,16 @@ class Pacer:
             self._messages.set_rate(self.pacing.publish_rate * factor, self.pacing.burst)
         else:
             self.window = max(1, math.ceil(self._window_cap * factor))
+
+
+def _bucket(
+    bucket: TokenBucket | None, rate: float | None, burst: float, now: float
+) -> TokenBucket | None:
+    """A bucket for ``rate`` (None: unpaced), keeping what ``bucket`` has earned."""
+    if not rate:
+        return None
+    if bucket is None:
+        return TokenBucket(rate, burst, now)
+    bucket.refill(now)  # at the old rate, up to now
+    bucket.set_rate(rate, burst)
+    return bucket

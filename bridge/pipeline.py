@@ -23,6 +23,7 @@ from bridge import archive as archive_format
 from bridge import mqtt_codec as codec
 from bridge.acks import AckQueue, Pending
 from bridge.archive import ARCHIVE, S3Archive
+from bridge.cohort import CohortGate
 from bridge.config import HOP_MARKER, BridgeConfig
 from bridge.deadletter import ArchiveDeadLetters, DeadLetterSink, LogDeadLetters
 from bridge.flow import Flow, WhenFull
@@ -48,7 +49,7 @@ from bridge.wiring import (
 
 # MQTT 5 properties a republished message keeps. Topic alias and subscription
 # identifiers belong to one connection; the expiry is rewritten as what remains.
-_PASSTHROUGH = (
+PASSTHROUGH = (
     codec.PAYLOAD_FORMAT,
     codec.CONTENT_TYPE,
     codec.RESPONSE_TOPIC,
@@ -57,15 +58,26 @@ _PASSTHROUGH = (
 
 
 class CompiledRoute:
-    __slots__ = ("filter", "index", "label", "qos", "retain", "template")
+    __slots__ = ("filter", "gate", "index", "label", "qos", "retain", "template")
 
-    def __init__(self, index: int, label: str, source: str, target: str, qos: int, retain: bool):
+    def __init__(
+        self,
+        index: int,
+        label: str,
+        source: str,
+        target: str,
+        qos: int,
+        retain: bool,
+        gate: CohortGate | None = None,
+    ):
         self.index = index
         self.label = label
         self.filter = TopicFilter.parse(source)
         self.template = TopicTemplate.parse(target, self.filter)
         self.qos = qos
         self.retain = retain
+        # Swapped whole by a live reload (one assignment between two messages: atomic).
+        self.gate = gate
 
 
 class Bridge:
@@ -82,7 +94,7 @@ class Bridge:
         self.worker = worker
         self.log = structlog.get_logger()
         self.routes = [
-            CompiledRoute(i, r.label, r.source, r.target, r.qos, r.retain)
+            CompiledRoute(i, r.label, r.source, r.target, r.qos, r.retain, r.gate())
             for i, r in enumerate(cfg.routes)
         ]
         labels = [r.label for r in self.routes]
@@ -162,6 +174,8 @@ class Bridge:
             self._dead_letter(env, "no route matches the topic", "no_route")
             return True
         matched, target_topic = found
+        if matched.gate is not None and not matched.gate.admits(msg.topic):
+            return self._skip(pending, route_index, "cohort")
         env = self._envelope(msg, pending, target_topic, props, matched.qos, matched)
         problem = self.topic_limits.violation(env.topic, size)
         if problem is not None:
@@ -202,7 +216,7 @@ class Bridge:
         out: codec.Properties | bytes | None = None
         if self._target_v5:
             if props:
-                out = {key: props[key] for key in _PASSTHROUGH if key in props}
+                out = {key: props[key] for key in PASSTHROUGH if key in props}
                 expiry = props.get(codec.MESSAGE_EXPIRY)
                 if expiry is not None:
                     expires_at = now + expiry
@@ -243,6 +257,12 @@ class Bridge:
         else:
             self._dead_letter(env, *outcome.dead_letter_reason(POISON_DROPS))
 
+    def _skip(self, pending: Pending, route_index: int, reason: str) -> bool:
+        """Acknowledged and counted, not forwarded: the copy route does not carry it."""
+        self.stats.skipped[(route_index, reason)] += 1
+        pending.finish()
+        return True
+
     def _dead_letter(self, env: Envelope, reason: str, label: str | None = None) -> None:
         pending = env.pending
         self.stats.dead_lettered[(pending.route, label or reason.split(" (", 1)[0])] += 1
@@ -278,6 +298,7 @@ class Bridge:
                 loop_lag=lambda: self.watchdog.lag,
                 releases=lambda: self.releaser.routes,
                 adoptions=self._adoptions,
+                cohorts=lambda: [(r.label, r.gate.cohort.percent) for r in self.routes if r.gate],
             )
             handlers = probe_handlers(
                 make_registry(probe), lambda: self.watchdog.healthy, self.readiness

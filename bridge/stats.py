@@ -33,6 +33,9 @@ class Stats:
     # (route index, reason) -> count
     dropped: Counter[tuple[int, str]] = field(default_factory=Counter)
     dead_lettered: Counter[tuple[int, str]] = field(default_factory=Counter)
+    # Acknowledged without forwarding, by design: `cohort` (the device is outside it).
+    skipped: Counter[tuple[int, str]] = field(default_factory=Counter)
+    reloads: Counter[str] = field(default_factory=Counter)  # "applied" | "refused"
     acknowledged: int = 0
     abandoned: int = 0  # finished after their source connection was lost: redelivered later
     # Per route: a count per bucket (the last one is +Inf), and the sum of observations.
@@ -48,6 +51,9 @@ class Stats:
         for route in range(len(self.routes)):
             for reason in ("full", "loop", "expired"):
                 self.dropped[(route, reason)] += 0
+            self.skipped[(route, "cohort")] += 0
+        for result in ("applied", "refused"):
+            self.reloads[result] += 0
 
     def observe_latency(self, route: int, seconds: float) -> None:
         self.latency_counts[route][bisect_left(LATENCY_BUCKETS, seconds)] += 1
@@ -60,4 +66,5 @@ class Stats:
             "acknowledged": self.acknowledged,
             "dropped": sum(self.dropped.values()),
             "dead_lettered": sum(self.dead_lettered.values()),
+            "skipped": sum(self.skipped.values()),
         }

@@ -57,6 +57,9 @@ class Target(Protocol):
     ) -> bool:
         """Publish one empty QoS 1 message on a connection that is up, outside the
         queues; True when the target acknowledged it with success (the path is proven)."""
+
+    def repace(self, pacing: Pacing) -> None:
+        """New rates for every connection, from now on (a live reload); nothing is resent."""
         ...
 
     async def close(self) -> None:
@@ -206,6 +209,12 @@ class TargetLink(Link):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+    def repace(self, pacing: Pacing) -> None:
+        self.pacer.repace(pacing, self._loop.time())
+        # A wait computed at the old rate may now be too long: compute it again.
+        self._cancel_timer()
+        self._pump()
 
     # ---- link hooks ----------------------------------------------------------------
 
@@ -374,6 +383,10 @@ class TargetPool(Service):
             if link.connected:
                 return await link.probe(topic, properties, timeout)
         return False
+
+    def repace(self, pacing: Pacing) -> None:
+        for link in self.links:
+            link.repace(pacing)
 
     async def close(self) -> None:
         await asyncio.gather(*(link.close() for link in self.links))

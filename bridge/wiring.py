@@ -126,8 +126,9 @@ def make_source(
     return Source(links, flow)
 
 
-def make_archive(cfg: BridgeConfig) -> S3Archive | None:
-    """The S3 archive of ``cfg``, or None without ``backup.s3``."""
+def make_archive(cfg: BridgeConfig, instance: str | None = None) -> S3Archive | None:
+    """The S3 archive of ``cfg``, or None without ``backup.s3``. ``instance`` names the
+    objects of another tool (sync-retained), so they never collide with the worker's."""
     s3 = cfg.backup.s3
     if s3 is None:
         return None
@@ -143,7 +144,7 @@ def make_archive(cfg: BridgeConfig) -> S3Archive | None:
             s3.max_buffer_bytes,
         ),
         cfg.direction,
-        cfg.instance_id,
+        instance or cfg.instance_id,
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -108,6 +109,54 @@ def test_valid_config_prints_effective_config(
         ),
         ({"http": {"listen": "9100"}}, "http.listen: expected HOST:PORT, got '9100'"),
         ({"instance_id": "a/b"}, "instance_id: must not contain '/', '+', '#' or start with '$'"),
+        (
+            {"routes__0__device": "{1}", "routes__0__cohort": {"percent": 5}},
+            "routes[0].cohort: a cohort needs mode: copy. A takeover route takes its messages "
+            "from the legacy consumers' share group, so the devices outside the cohort would "
+            "reach no one",
+        ),
+        (
+            {
+                "routes__0__mode": "copy",
+                "routes__0__share_group": None,
+                "routes__0__cohort": {"percent": 5},
+            },
+            'routes[0].cohort: a cohort needs device: the device key, e.g. device: "{1}"',
+        ),
+        (
+            {
+                "routes__0__mode": "copy",
+                "routes__0__device": "{1}",
+                "routes__0__cohort": {"percent": 150},
+            },
+            "routes[0].cohort.percent: Input should be less than or equal to 100",
+        ),
+        (
+            {
+                "routes__0__mode": "copy",
+                "routes__0__device": "{1}",
+                "routes__0__cohort": {"percent": 5, "include_file": "/nonexistent/canary.txt"},
+            },
+            "routes[0].cohort.include_file: cannot read /nonexistent/canary.txt: "
+            "No such file or directory",
+        ),
+        (
+            {"routes__0__device": "{2}"},
+            "routes[0].device: capture {2} but the filter has 1 wildcard",
+        ),
+        ({"routes__0__mode": "shadow"}, "routes[0].mode: must be 'takeover' or 'copy'"),
+        (
+            {"routes": [BASE["routes"][0], {**BASE["routes"][0], "mode": "copy"}]},
+            "routes[1].share_group: 'svc-a' is the group of a takeover route (the legacy "
+            "consumers'); a copy route needs a plain subscription or a share group only bridge "
+            "workers join",
+        ),
+        (
+            {"routes": [BASE["routes"][0], {"source": "devices/#", "mode": "copy"}]},
+            "routes[1].source: 'devices/#' overlaps the takeover route routes[0] "
+            "('devices/+/telemetry'): a worker cannot tell which subscription a message came "
+            "through; run the copy route in workers of its own",
+        ),
     ],
 )
 def test_each_error_is_one_precise_line(
@@ -233,3 +282,30 @@ def test_run_with_bad_config_exits_2_without_traceback(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert proc.stdout == ""
     assert proc.stderr == "error: routes[0].target: capture {2} but the filter has 1 wildcard\n"
+
+
+def test_copy_route_with_cohort(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    canary = tmp_path / "canary.txt"
+    canary.write_text("dev-1\n")
+    route = {
+        "source": "devices/+/telemetry",
+        "share_group": "mqtt-bridge-shadow",
+        "mode": "copy",
+        "target": "dt/{1}/telemetry",
+        "device": "{1}",
+        "cohort": {"percent": 2.5, "include_file": str(canary)},
+    }
+    # A shadow worker's file: the copy route only (beside a takeover route on the same
+    # filter, check refuses it).
+    code, out, err = run_check(capsys, write(tmp_path, with_(routes=[route])))
+    assert (code, err) == (0, "")
+    shown = yaml.safe_load(out)["routes"][0]
+    assert shown["mode"] == "copy"
+    assert shown["cohort"] == {"percent": 2.5, "include_file": str(canary), "exclude_file": None}
+    # Routes are a list: the environment sets them whole, as JSON.
+    monkeypatch.setenv("BRIDGE_ROUTES", json.dumps([{**route, "cohort": {"percent": 40}}]))
+    code, out, _ = run_check(capsys, write(tmp_path, BASE))
+    assert code == 0
+    assert yaml.safe_load(out)["routes"][0]["cohort"]["percent"] == 40

@@ -64,6 +64,8 @@ _COUNTERS = {
     "archive_records_total",
     "archive_failures_total",
     "archive_dropped_total",
+    "skipped_total",  # issue 11: copy routes and cohorts
+    "reloads_total",
 }
 _GAUGES = {
     "inflight_messages",
@@ -75,6 +77,7 @@ _GAUGES = {
     "connected",
     "build_info",
     "archive_lag_seconds",
+    "cohort_percent",
 }
 _HISTOGRAMS = {"e2e_latency_seconds"}
 METRICS = frozenset(

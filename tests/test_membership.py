@@ -332,3 +332,33 @@ def test_mqtt311_adoption_racing_a_restart_stays_lossless(rig: Rig) -> None:
         report = check(pub.acked(), collector.messages)
     print(report)
     assert report.lost == 0, report.lost_examples
+
+
+def test_scale_in_during_a_target_outage_is_adopted(rig: Rig) -> None:
+    # A CPU-based HPA scales in while the target is down (the workers idle with a full
+    # flow). The leaving worker cannot drain: it keeps its session, marks it gone, and the
+    # other worker adopts it and delivers it once the target is back.
+    routes = [{"source": f"{rig.prefix}/+", "share_group": "g", "target": "{topic}"}]
+    settings = {"membership": FAST_MEMBERSHIP, "shutdown": {"deadline": 3}}
+    a = rig.worker(routes, instance_id="a", **settings)
+    b = rig.worker(routes, instance_id="b", **settings)
+    topics = [f"{rig.prefix}/{i}" for i in range(4)]
+    with (
+        Collector(rig.target.url, f"{rig.prefix}/#") as collector,
+        Publisher(rig.source.url) as pub,
+    ):
+        rig.target.stop()
+        publishing = pub.publish_in_background(topics, 3000, rate=400)
+        wait_until(lambda: pub.sent >= 800, 30, what="800 sent")
+        a.signal(signal.SIGTERM)  # scale-in: a never comes back
+        assert a.wait(30) == 0
+        assert "not drained within shutdown.deadline" in a.log_tail(100_000)
+        rig.target.start()
+        publishing.join(60)
+        pub.wait_acked(60)
+        collector.wait_for(3000, 90)
+        time.sleep(0.5)
+        report = check(pub.acked(), collector.messages)
+    print(report)
+    assert report.lost == 0, report.lost_examples
+    assert _adopted_at(b) is not None, b.log_tail()

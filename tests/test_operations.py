@@ -17,7 +17,7 @@ CATALOGUE = [
     "inflight_messages_peak", "inflight_messages_limit", "e2e_latency_seconds", "connected",
     "reconnects_total", "ready", "build_info", "event_loop_lag_seconds",
     "connection_published_total", "connection_window", "connection_rate_limit",
-    "throttled_total", "disconnects_total",
+    "throttled_total", "disconnects_total", "skipped_total", "reloads_total", "cohort_percent",
 ]  # fmt: skip
 
 
@@ -53,6 +53,8 @@ def test_metrics_catalogue_counts_add_up(rig: Rig) -> None:
     declared = {name.removeprefix("mqtt_bridge_") for name in types}
     assert sorted(set(CATALOGUE) - declared) == [], declared
     assert m["dropped{reason=full,route=a}"] == 0  # zero series exist before any drop
+    assert m["skipped{reason=cohort,route=a}"] == 0
+    assert m["reloads{result=refused}"] == 0
     # At quiet: everything received was acknowledged; nothing is in flight.
     assert m["received"] == m["acknowledged"] + m["inflight_messages"] + m["abandoned"] == 900
     assert m["inflight_messages"] == 0
