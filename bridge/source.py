@@ -182,7 +182,7 @@ class SourceLink(Link):
     def has_unread(self) -> bool:
         return self._conn is not None and self._conn.has_unread
 
-    async def unsubscribe(self, filters: tuple[str, ...]) -> None:
+    async def unsubscribe(self, filters: tuple[str, ...], timeout: float = 5.0) -> None:
         """Give up ``filters``; what the broker already queued for us still comes."""
         conn = self._conn
         self.subscribed = False
@@ -213,6 +213,14 @@ class SourceLink(Link):
         its subscriptions, forward what it holds (through our routes, acknowledged end to
         end as usual), then end it. False when it could not finish (the session stays)."""
         self._stopping = True  # one connection, no reconnect loop
+        # Not one of Source's links: wake ourselves when the flow has room again.
+        unwatch = self.flow.on_space(self.wake)
+        try:
+            return await self._adopt(quiet, timeout, can_end)
+        finally:
+            unwatch()
+
+    async def _adopt(self, quiet: float, timeout: float, can_end: bool) -> bool:
         conn = self._factory(self.options, self)
         self._on_new(conn)
         try:
@@ -225,7 +233,9 @@ class SourceLink(Link):
             client_id=self.options.client_id,
             session_present=conn.session_present,
         )
-        await self.unsubscribe(tuple(self.filters))
+        # The session's queued messages come first; with the flow full (target down) the
+        # UNSUBACK waits behind them until there is room: allow it the whole adoption.
+        await self.unsubscribe(tuple(self.filters), timeout=timeout)
         loop = asyncio.get_running_loop()
         started = loop.time()
         acks = self._acks
