@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -11,6 +12,7 @@ import yaml
 from bridge import __version__
 from bridge.config import BridgeConfig, cross_check, load_config
 from bridge.errors import ConfigError
+from bridge.loader import ENV_ORIGIN, bridge_variables
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -129,14 +131,23 @@ def _check(paths: list[str], quiet: bool) -> int:
         try:
             configs[path] = load_config(path)
         except ConfigError as exc:
-            problems += [p if p.startswith(path) else f"{path}: {p}" for p in exc.problems]
+            # A variable's problem is the same for every file: name the variable once.
+            problems += [
+                p if p.startswith((path, ENV_ORIGIN)) else f"{path}: {p}" for p in exc.problems
+            ]
     problems += cross_check(configs)
     if problems:
-        for problem in problems:
+        for problem in dict.fromkeys(problems):
             print(f"error: {problem}", file=sys.stderr)
         return 2
     if not quiet:
+        from_env = sorted(bridge_variables(os.environ).values())
         for path, cfg in configs.items():
             print(f"# {path}: ok (effective configuration, secrets redacted)")
-            print(yaml.safe_dump(cfg.redacted(), sort_keys=False), end="")
+            for side, ids in cfg.client_ids().items():
+                shown = ids if len(ids) <= 4 else [*ids[:2], "…", ids[-1]]
+                print(f"# {side} client ids ({len(ids)}): {', '.join(shown)}")
+            if from_env:
+                print(f"# set by the environment: {', '.join(from_env)}")
+            print(yaml.safe_dump(cfg.effective(), sort_keys=False), end="")
     return 0
