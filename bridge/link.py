@@ -81,6 +81,7 @@ class LinkStats:
     rate_limit: float = 0.0  # 0: unpaced
     throttled: dict[str, int] = field(default_factory=dict)
     disconnects: dict[str, int] = field(default_factory=dict)
+    oldest: float | None = None  # source: loop time the oldest unacknowledged message came
 
 
 class ConnectPacer:

@@ -32,6 +32,7 @@ from bridge.metrics import Probe, make_registry
 from bridge.mqtt_codec import Publish
 from bridge.outcome import DELIVERED, EXPIRED, Outcome
 from bridge.policy import POISON_DROPS
+from bridge.reasons import dead_letter_reasons
 from bridge.routing import TopicFilter, TopicTemplate
 from bridge.stats import Stats
 from bridge.target import Target
@@ -77,6 +78,10 @@ class Bridge:
             for route, label in zip(self.routes, labels, strict=True):
                 route.label = label
         self.stats = Stats(labels)
+        self.topic_limits = cfg.target.limits.topic_limits()
+        self.stats.seed_dead_letters(
+            dead_letter_reasons(self.topic_limits, cfg.target.protocol == "5")
+        )
         self.flow = Flow(cfg.flow.max_inflight, cfg.flow.max_inflight_bytes)
         self.archive: S3Archive | None = make_archive(cfg)
         self.dead_letters: DeadLetterSink = dead_letters or (
@@ -91,7 +96,6 @@ class Bridge:
         self._marker = (HOP_MARKER, cfg.instance_id)
         self._marker_only = codec.encode_properties({codec.USER_PROPERTY: [self._marker]})
         self._loop = asyncio.get_running_loop()
-        self.topic_limits = cfg.target.limits.topic_limits()
         self.source = make_source(cfg, self.flow, self._handle, self.stats)
         self.target: Target = make_target(cfg, self._on_done)
         self.watchdog = Watchdog()
@@ -109,7 +113,8 @@ class Bridge:
             return False  # held by the connection, which stops reading
         found = self._match(msg.topic)
         route_index = found[0].index if found else 0
-        pending = acks.admit(msg.packet_id, msg.qos, size, route_index)
+        now = self._loop.time()
+        pending = acks.admit(msg.packet_id, msg.qos, size, route_index, now)
         self.stats.received[route_index] += 1
         props = msg.properties
         if props is not None and self._has_marker(props):
@@ -117,11 +122,11 @@ class Bridge:
             pending.finish()
             return True
         if found is None:
-            env = self._envelope(msg, pending, msg.topic, None, 0, None)
+            env = self._envelope(msg, pending, msg.topic, None, 0, None, now)
             self._dead_letter(env, "no route matches the topic", "no_route")
             return True
         matched, target_topic = found
-        env = self._envelope(msg, pending, target_topic, props, matched.qos, matched)
+        env = self._envelope(msg, pending, target_topic, props, matched.qos, matched, now)
         problem = self.topic_limits.violation(env.topic, size)
         if problem is not None:
             self._dead_letter(env, problem, problem.split(":", 1)[0])
@@ -155,8 +160,8 @@ class Bridge:
         props: codec.Properties | None,
         route_qos: int,
         route: CompiledRoute | None,
+        now: float,
     ) -> Envelope:
-        now = self._loop.time()
         expires_at = None
         out: codec.Properties | bytes | None = None
         if self._target_v5:
@@ -193,8 +198,10 @@ class Bridge:
     def _on_done(self, env: Envelope, outcome: Outcome) -> None:
         pending = env.pending
         if outcome is DELIVERED:
+            now = self._loop.time()
             self.stats.published[pending.route] += 1
-            self.stats.observe_latency(pending.route, self._loop.time() - env.received_at)
+            self.stats.last_published[pending.route] = now
+            self.stats.observe_latency(pending.route, now - env.received_at)
             pending.finish()
         elif outcome is EXPIRED:
             self.stats.dropped[(pending.route, "expired")] += 1
@@ -228,6 +235,7 @@ class Bridge:
         if listen is not None:
             probe = Probe(
                 direction=self.cfg.direction,
+                instance=self.cfg.instance_id,
                 stats=self.stats,
                 flow=self.flow,
                 sources=self.source.connections,
@@ -235,9 +243,12 @@ class Bridge:
                 ready=lambda: self.ready,
                 archive=self.archive,
                 loop_lag=lambda: self.watchdog.lag,
+                clock=self._loop.time,
             )
             handlers = probe_handlers(
-                make_registry(probe), lambda: self.watchdog.healthy, self.readiness
+                make_registry(probe, self._target_v5),
+                lambda: self.watchdog.healthy,
+                self.readiness,
             )
             await self._stack.enter_async_context(HttpServer(listen[0], listen[1], handlers))
         if self.archive is not None:
@@ -301,7 +312,7 @@ class Bridge:
         await asyncio.shield(self.source.close(expiry))
         elapsed = round(self._loop.time() - started, 3)
         if drained:
-            self.log.info("bridge.left", drained=True, seconds=elapsed, **self.stats.summary())
+            self.log.info("bridge.left", drained=True, seconds=elapsed, **self._summary())
         else:
             self.log.warning(
                 "bridge.left",
@@ -309,9 +320,18 @@ class Bridge:
                 seconds=elapsed,
                 unfinished=left,
                 note="unfinished messages stay in the source session for the next start",
-                **self.stats.summary(),
+                **self._summary(),
             )
         return drained
+
+    def _summary(self) -> dict[str, int]:
+        # The peaks live in the logs, not /metrics: between two scrapes a gauge misses
+        # them, and max_over_time() of inflight_messages is what a dashboard wants.
+        return {
+            **self.stats.summary(),
+            "inflight_peak": self.flow.peak_messages,
+            "inflight_bytes_peak": self.flow.peak_bytes,
+        }
 
     async def _report_stats(self) -> None:
         interval = self.cfg.log.stats_interval
@@ -322,5 +342,5 @@ class Bridge:
                 inflight=self.flow.messages,
                 inflight_bytes=self.flow.bytes,
                 ready=self.ready,
-                **self.stats.summary(),
+                **self._summary(),
             )

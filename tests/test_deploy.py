@@ -51,6 +51,7 @@ GRACE_SECONDS = 30  # Kubernetes' default grace period; shutdown.deadline must s
 
 # What the bridge exports (README "HTTP endpoints and metrics", plus issue 5's additions).
 _COUNTERS = {
+    "disconnects_total",
     "received_total",
     "published_total",
     "acknowledged_total",
@@ -68,9 +69,10 @@ _COUNTERS = {
 _GAUGES = {
     "inflight_messages",
     "inflight_bytes",
-    "inflight_messages_peak",
-    "inflight_bytes_peak",
     "inflight_messages_limit",
+    "inflight_oldest_age_seconds",
+    "route_inflight_messages",
+    "route_last_published_timestamp_seconds",
     "ready",
     "connected",
     "build_info",
@@ -80,6 +82,8 @@ _HISTOGRAMS = {"e2e_latency_seconds"}
 METRICS = frozenset(
     {f"mqtt_bridge_{name}" for name in _COUNTERS | _GAUGES}
     | {f"mqtt_bridge_{h}_{s}" for h in _HISTOGRAMS for s in ("bucket", "sum", "count")}
+    # Prometheus' own series about a scrape (a worker that is down has only these).
+    | {"up"}
 )
 
 # Config keys the artifacts may use before bridge.config knows them. While one is reported
