@@ -13,6 +13,7 @@ from bridge import __version__
 from bridge.config import BridgeConfig, cross_check, load_config
 from bridge.errors import ConfigError
 from bridge.loader import ENV_ORIGIN, bridge_variables
+from bridge.sizing import sizing_problems
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,6 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     check.add_argument("--config", required=True, nargs="+", metavar="FILE")
     check.add_argument("--quiet", "-q", action="store_true", help="print only problems")
+    check.add_argument(
+        "--strict", action="store_true", help="sizing warnings are errors too (exit 2)"
+    )
     replay = sub.add_parser("replay", help="re-drive archived messages from S3 to the target")
     replay.add_argument("--config", required=True, metavar="FILE", help="target and S3 settings")
     replay.add_argument("--from", dest="source", required=True, metavar="s3://BUCKET/PREFIX")
@@ -64,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _health(args.url, args.timeout)
     try:
         if args.command == "check":
-            return _check(args.config, args.quiet)
+            return _check(args.config, args.quiet, args.strict)
         cfg = load_config(args.config)
         if args.command == "replay":
             return _replay(cfg, args)
@@ -124,7 +128,7 @@ def _replay(cfg: BridgeConfig, args: argparse.Namespace) -> int:
     return 1 if summary.errors or summary.rejected else 0
 
 
-def _check(paths: list[str], quiet: bool) -> int:
+def _check(paths: list[str], quiet: bool, strict: bool = False) -> int:
     configs: dict[str, BridgeConfig] = {}
     problems: list[str] = []
     for path in paths:
@@ -136,10 +140,15 @@ def _check(paths: list[str], quiet: bool) -> int:
                 p if p.startswith((path, ENV_ORIGIN)) else f"{path}: {p}" for p in exc.problems
             ]
     problems += cross_check(configs)
+    warnings = [f"{path}: {w}" for path, cfg in configs.items() for w in sizing_problems(cfg)]
+    if strict:
+        problems, warnings = problems + warnings, []
     if problems:
         for problem in dict.fromkeys(problems):
             print(f"error: {problem}", file=sys.stderr)
         return 2
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     if not quiet:
         from_env = sorted(bridge_variables(os.environ).values())
         for path, cfg in configs.items():

@@ -289,6 +289,9 @@ class S3Config(Section):
     flush_interval: Annotated[float, Field(gt=0)] = 1.0
     max_batch_bytes: Annotated[int, Field(ge=1024)] = 8 * 1024 * 1024
     max_buffer_bytes: Annotated[int, Field(ge=1024)] = 256 * 1024 * 1024
+    # Objects written at once. `required` mode also seals a batch once it holds
+    # flow.max_inflight / (max_uploads + 1) messages (README "Sizing `required`").
+    max_uploads: Annotated[int, Field(ge=1, le=64)] = 4
 
     @field_validator("prefix")
     @classmethod

@@ -236,6 +236,7 @@ class BridgeCollector(Collector):
         for name, gauge_value, doc in (
             ("lag_seconds", archive.lag, "Age of the oldest record not yet in S3."),
             ("buffered_bytes", archive.buffered, "Record bytes waiting for S3."),
+            ("uploads_inflight", archive.uploads, "S3 uploads under way."),
         ):
             gauge = GaugeMetricFamily(f"mqtt_bridge_archive_{name}", doc, labels=["direction"])
             gauge.add_metric([d], gauge_value)

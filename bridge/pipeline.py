@@ -83,7 +83,7 @@ class Bridge:
             dead_letter_reasons(self.topic_limits, cfg.target.protocol == "5")
         )
         self.flow = Flow(cfg.flow.max_inflight, cfg.flow.max_inflight_bytes)
-        self.archive: S3Archive | None = make_archive(cfg)
+        self.archive: S3Archive | None = make_archive(cfg, self.flow)
         self.dead_letters: DeadLetterSink = dead_letters or (
             ArchiveDeadLetters(self.archive, self._record) if self.archive else LogDeadLetters()
         )

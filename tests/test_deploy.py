@@ -214,6 +214,53 @@ def secret_files() -> dict[str, str]:
     }
 
 
+# --- every shipped configuration -------------------------------------------------------------
+
+
+def _shipped_configs() -> list[Path]:
+    """Every bridge configuration in deploy/ (a YAML mapping with a `direction`)."""
+    found = []
+    for path in sorted(DEPLOY.rglob("*.yaml")):
+        docs = _yaml_all(path)
+        if len(docs) == 1 and isinstance(docs[0], dict) and "direction" in docs[0]:
+            found.append(path)
+    return found
+
+
+def test_every_shipped_config_passes_check_with_its_sizing_rules(
+    tmp_path: Path,
+    clean_env: pytest.MonkeyPatch,
+    secret_files: dict[str, str],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`mqtt-bridge check --strict`: valid, no loops, and no sizing warning (a shipped
+    config that breaks the README's own sizing rules is a bug)."""
+    from bridge.cli import main
+
+    shipped = _shipped_configs()
+    names = {p.relative_to(DEPLOY).as_posix() for p in shipped}
+    assert {
+        "compose/dtb-0.yaml", "compose/dtb-1.yaml", "compose/btd-0.yaml",
+        "kubernetes/overlays/dtb/config.yaml", "kubernetes/overlays/btd/config.yaml",
+        "examples/dtb-aws-iot.yaml", "examples/btd-aws-iot.yaml",
+    } == names  # fmt: skip
+    files = {
+        **secret_files,
+        "AmazonRootCA1.pem": secret_files["ca.pem"],
+        "certificate.pem.crt": secret_files["cert.pem"],
+        "private.pem.key": secret_files["key.pem"],
+    }
+    clean_env.setenv("HOSTNAME", "worker-0")  # instance_id where the config leaves it out
+    for path in shipped:
+        text = path.read_text().replace("<ENDPOINT>", "abc123").replace("<REGION>", "eu-west-1")
+        raw = _localize(yaml.safe_load(text), ETC, tmp_path / "etc", files)
+        copy = tmp_path / path.relative_to(DEPLOY).as_posix().replace("/", "-")
+        copy.write_text(yaml.safe_dump(raw))
+        code = main(["check", "--strict", "-q", "--config", str(copy)])
+        err = capsys.readouterr().err
+        assert (code, err) == (0, ""), f"{path.relative_to(DEPLOY)}: {err}"
+
+
 # --- Dockerfile ---------------------------------------------------------------------------
 
 
