@@ -54,6 +54,13 @@ def _parser() -> argparse.ArgumentParser:
         help="publish to the source topic, not target_topic",
     )
     replay.add_argument("--dry-run", action="store_true", help="read and count, publish nothing")
+    replay.add_argument(
+        "--progress-every",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="seconds between progress lines when stderr is not a terminal (default 10)",
+    )
     health = sub.add_parser(
         "health", help="exit 0 when a worker's /healthz answers 200 (HEALTHCHECK)"
     )
@@ -111,6 +118,7 @@ def _replay(cfg: BridgeConfig, args: argparse.Namespace) -> int:
             rate=args.rate,
             to_source_topic=args.to_source_topic,
             dry_run=args.dry_run,
+            progress_every=args.progress_every,
         )
         if opts.topic_filter:
             from bridge.routing import TopicFilter
@@ -118,6 +126,8 @@ def _replay(cfg: BridgeConfig, args: argparse.Namespace) -> int:
             TopicFilter.parse(opts.topic_filter)
     except ValueError as exc:
         raise ConfigError([f"replay: {exc}"]) from None
+    if opts.progress_every < 0:
+        raise ConfigError(["replay: --progress-every must be 0 or more seconds"])
     setup_logging(cfg.log.format, "warning", direction=cfg.direction, instance=cfg.instance_id)
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
         try:
