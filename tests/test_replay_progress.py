@@ -36,17 +36,27 @@ def test_progress_line_counts_rate_and_eta() -> None:
     assert progress_line(Summary(objects=1, messages=1), 7201, 1.0).endswith("eta 2h00m")
 
 
+def archived_record(n: int) -> str:
+    topic = f"dev/{n % 3}"
+    return json.dumps(
+        {
+            "topic": topic,
+            "target_topic": f"out/{n % 3}",
+            "payload_b64": base64.b64encode(f"{topic}|{n}|".encode()).decode(),
+            "qos": 1,
+            "retain": False,
+            "properties": {},
+            "received_at": 1795424400.0 + n,
+            "direction": "dtb",
+            "instance": "w-0",
+            "route": "r",
+        }
+    )
+
+
 def put_objects(s3: S3, objects: int, per_object: int) -> None:
     for i in range(objects):
-        lines = [
-            json.dumps({
-                "topic": f"dev/{n % 3}", "target_topic": f"out/{n % 3}",
-                "payload_b64": base64.b64encode(f"dev/{n % 3}|{n}|".encode()).decode(),
-                "qos": 1, "retain": False, "properties": {}, "received_at": 1795424400.0 + n,
-                "direction": "dtb", "instance": "w-0", "route": "r",
-            })  # fmt: skip
-            for n in range(i * per_object, (i + 1) * per_object)
-        ]
+        lines = [archived_record(n) for n in range(i * per_object, (i + 1) * per_object)]
         body = gzip.compress(("\n".join(lines) + "\n").encode())
         key = f"arch/dtb/dt=2026-11-23/hour=10/w-0-{1795424400000 + i}-{i:06d}.jsonl.gz"
         s3.client.put_object(Bucket=s3.bucket, Key=key, Body=body)
