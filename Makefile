@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint unit bench mosquitto clean
+.PHONY: demo test lint unit bench mosquitto promtool clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,9 +15,13 @@ $(STAMP): pyproject.toml
 mosquitto:
 	@scripts/ensure-mosquitto.sh
 
-## demo: DTB + BTD between two throwaway brokers, live counts, summary with lost = 0
+promtool:
+	@scripts/ensure-promtool.sh
+
+## demo: DTB + BTD between two throwaway brokers, live counts, summary with lost = 0.
+## DEMO_ARGS=--keep keeps the worker configs and logs and prints where they are.
 demo: $(STAMP) mosquitto
-	$(PY) -m bench.demo
+	$(PY) -m bench.demo $(DEMO_ARGS)
 
 ## bench: no bridge vs Mosquitto's bridge vs ours (1 and 2 workers): msg/s, latency, CPU,
 ## RSS, lost/dup, and a 1M-message target-down memory run; ~7 min. BENCH_ARGS=--quick: ~2 min.
@@ -25,8 +29,9 @@ bench: $(STAMP) mosquitto
 	@$(PY) -c 'import matplotlib, psutil' 2>/dev/null || $(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) -m bench.run $(BENCH_ARGS)
 
-## test: lint, type check, then every test (real Mosquitto processes on free ports)
-test: lint $(STAMP) mosquitto
+## test: lint, type check, then every test (real Mosquitto processes on free ports, and
+## promtool for the alert rules' unit tests)
+test: lint $(STAMP) mosquitto promtool
 	$(PY) -m pytest
 
 lint: $(STAMP)

@@ -10,9 +10,12 @@ acknowledged message is accounted for: lost must be 0.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from tests.harness import (
@@ -51,10 +54,15 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=20.0, help="how long devices publish")
     parser.add_argument("--rate", type=float, default=3000.0, help="telemetry msg/s offered")
     parser.add_argument("--command-rate", type=float, default=300.0, help="command msg/s offered")
+    parser.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the worker configs and logs (printed at the end) instead of removing them",
+    )
     args = parser.parse_args()
 
     with (
-        workdir("mqtt-bridge-demo-") as wd,
+        _directory(args.keep) as wd,
         Mosquitto(wd, "device-broker") as device,
         Mosquitto(wd, "cloud-broker") as cloud,
     ):
@@ -76,7 +84,28 @@ def main() -> int:
             for w in workers:
                 w.stop()
             logs = [w.log_path for w in workers]
-            print(f"\nworker logs: {', '.join(p.name for p in logs)} (removed with the demo dir)")
+            if args.keep:
+                print(f"\nkept in {wd}:")
+                for w in workers:
+                    print(f"  {w.config_path}  (log: {w.log_path.name})")
+                print(
+                    "  try: mqtt-bridge check --config "
+                    + " ".join(str(w.config_path) for w in workers)
+                    + "\n  (the demo's brokers are gone: point source/target at yours to run one)"
+                )
+            else:
+                names = ", ".join(p.name for p in logs)
+                print(f"\nworker logs: {names} (removed with the demo dir; --keep keeps them)")
+
+
+@contextlib.contextmanager
+def _directory(keep: bool) -> Iterator[Path]:
+    """The demo's work directory: removed at the end unless ``keep``."""
+    if keep:
+        yield Path(tempfile.mkdtemp(prefix="mqtt-bridge-demo-"))
+    else:
+        with workdir("mqtt-bridge-demo-") as wd:
+            yield wd
 
 
 def _run(

@@ -122,7 +122,6 @@ def run(wd: Path, procs: Procs, s: Any, log: Callable[[str], None]) -> dict[str,
         finally:
             sub.stop()
         sampler.mark("drained")
-        after = worker.metrics()
         time.sleep(1.0)
         sampler.stop()
         d = load.account(out, counts, stamped=False)
@@ -141,7 +140,10 @@ def run(wd: Path, procs: Procs, s: Any, log: Callable[[str], None]) -> dict[str,
         "offer_rate": round(offer_rate),
         "inflight_while_down": during.get("inflight_messages"),
         "received_while_down": during.get("received"),
-        "inflight_peak": after.get("inflight_messages_peak"),
+        # From the worker's last log line (the peak is not a gauge: scrapes miss it).
+        "inflight_peak": next(
+            (e.get("inflight_peak") for e in reversed(worker.logged("bridge.left"))), None
+        ),
         "delivered": d.delivered,
         "unique": d.unique,
         "lost": d.lost,

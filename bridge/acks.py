@@ -37,6 +37,7 @@ class Pending:
     # What must finish before the source acknowledgement: the target's answer, and in
     # `required` archive mode also the S3 object holding the record.
     holds: int = 1
+    admitted_at: float = 0.0  # loop time: the age of the oldest message in flight
 
     def finish(self) -> None:
         """Release one hold (the target answered, the archive wrote, the dead letter landed)."""
@@ -62,11 +63,15 @@ class AckQueue:
     def __len__(self) -> int:
         return len(self._queue)
 
-    def admit(self, packet_id: int, qos: int, size: int, route: int) -> Pending:
+    def admit(self, packet_id: int, qos: int, size: int, route: int, now: float = 0.0) -> Pending:
         """A new message in line behind the ones already here."""
-        pending = Pending(packet_id, qos, size, route, self.complete_one)
+        pending = Pending(packet_id, qos, size, route, self.complete_one, admitted_at=now)
         self._queue.append(pending)
         return pending
+
+    def oldest(self) -> float | None:
+        """When the oldest message still waiting for its acknowledgement was admitted."""
+        return self._queue[0].admitted_at if self._queue else None
 
     def complete(self, pending: Pending) -> None:
         pending.holds -= 1
@@ -79,8 +84,10 @@ class AckQueue:
         conn = self.conn
         release = self._flow.release
         stats = self._stats
+        finished = stats.finished
         while queue and queue[0].done:
             head = queue.popleft()
+            finished[head.route] += 1
             if conn is None:
                 stats.abandoned += 1
             else:

@@ -114,12 +114,56 @@ class ArchiveSettings:
     flush_interval: float
     max_batch_bytes: int
     max_buffer_bytes: int
+    max_uploads: int = 4  # objects being written at once
+    # `required`: flow.max_inflight. Batches holding acknowledgements are sealed by
+    # seal_now() against it instead of waiting for their timer.
+    flow_limit: int | None = None
+
+
+def seal_now(
+    open_holds: int, sealed_holds: int, flow_limit: int, writers_busy: int, max_uploads: int
+) -> bool:
+    """Whether a batch holding ``open_holds`` acknowledgements goes to S3 now.
+
+    Every message in flight waits for its batch. The open batch may take half of the flow
+    that sealed batches (written, or waiting for a writer) leave: with nothing else under
+    way it grows to half the flow, and the more S3 lags behind, the earlier the next one
+    goes, so several are written at once and the flow never waits for a timer. While every
+    writer is busy it keeps growing instead: sealed, it would only wait in line, and a
+    line of one-record objects would cost more than it saves.
+    """
+    if writers_busy >= max_uploads:
+        return False
+    return open_holds * 2 >= flow_limit - sealed_holds
+
+
+ClientFactory = Callable[[ArchiveSettings], contextlib.AbstractAsyncContextManager[Any]]
+
+
+def s3_client(settings: ArchiveSettings) -> contextlib.AbstractAsyncContextManager[Any]:
+    """An aiobotocore S3 client (credentials from the standard AWS chain)."""
+    from aiobotocore.config import AioConfig
+    from aiobotocore.session import get_session
+
+    # One attempt per call: the uploader retries with its own backoff and counts failures.
+    config = AioConfig(connect_timeout=3, read_timeout=20, retries={"max_attempts": 1})
+    client: contextlib.AbstractAsyncContextManager[Any] = get_session().create_client(
+        "s3", region_name=settings.region, endpoint_url=settings.endpoint_url, config=config
+    )
+    return client
 
 
 class S3Archive(Service):
-    def __init__(self, settings: ArchiveSettings, direction: str, instance: str) -> None:
+    def __init__(
+        self,
+        settings: ArchiveSettings,
+        direction: str,
+        instance: str,
+        client_factory: ClientFactory = s3_client,
+    ) -> None:
         super().__init__()
         self.settings = settings
+        self._client_factory = client_factory
         self.direction = direction
         self.instance = instance
         self.required = settings.required
@@ -132,6 +176,9 @@ class S3Archive(Service):
         self.buffered = 0  # bytes in open and sealed batches
         self._open: dict[str, Batch] = {}
         self._sealed: deque[Batch] = deque()
+        self._uploading: list[Batch] = []
+        self._sealed_holds = 0  # acknowledgements waiting in sealed and uploading batches
+        self._pressure = False  # the flow filled while every writer was busy
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -144,18 +191,10 @@ class S3Archive(Service):
     # ---- lifecycle -----------------------------------------------------------------
 
     async def start(self) -> None:
-        from aiobotocore.config import AioConfig
-        from aiobotocore.session import get_session
-
         s = self.settings
-        # One attempt per call: the uploader retries with its own backoff and counts failures.
-        config = AioConfig(connect_timeout=3, read_timeout=20, retries={"max_attempts": 1})
-        self._client = await self._stack.enter_async_context(
-            get_session().create_client(
-                "s3", region_name=s.region, endpoint_url=s.endpoint_url, config=config
-            )
-        )
-        self.spawn(self._upload_loop(), name="archive-upload")
+        self._client = await self._stack.enter_async_context(self._client_factory(s))
+        for i in range(s.max_uploads):
+            self.spawn(self._upload_loop(), name=f"archive-upload-{i}")
         self.spawn(self._seal_loop(), name="archive-seal")
 
     async def __aexit__(self, *exc_info: Any) -> bool | None:
@@ -180,28 +219,66 @@ class S3Archive(Service):
         batch.lines.append(line)
         batch.size += len(line)
         self.buffered += len(line)
+        full = batch.size >= self.settings.max_batch_bytes
         if on_durable is not None:
             batch.on_durable.append(on_durable)
-        if batch.size >= self.settings.max_batch_bytes:
+            full = full or self._hurry(batch)
+        if full:
             self._seal(kind)
         return True
 
     def _seal(self, kind: str) -> None:
         batch = self._open.pop(kind, None)
         if batch is not None and batch.lines:
+            self._sealed_holds += len(batch.on_durable)
             self._sealed.append(batch)
             self._idle.clear()
             self._wake.set()
 
+    def _hurry(self, batch: Batch) -> bool:
+        """Whether a batch holding acknowledgements should go before its timer."""
+        s = self.settings
+        if s.flow_limit is None:
+            return False
+        busy = len(self._uploading) + len(self._sealed)
+        return seal_now(
+            len(batch.on_durable), self._sealed_holds, s.flow_limit, busy, s.max_uploads
+        )
+
+    def seal_held(self) -> None:
+        """The flow is full (``Flow.on_full`` calls this): the open batches that hold
+        acknowledgements go now, or as soon as a writer is free, not at their timer."""
+        if len(self._uploading) + len(self._sealed) >= self.settings.max_uploads:
+            self._pressure = True
+            return
+        self._pressure = False
+        for kind, batch in list(self._open.items()):
+            if batch.on_durable:
+                self._seal(kind)
+
+    def _writer_free(self) -> None:
+        if self._pressure:
+            self.seal_held()
+            return
+        for kind, batch in list(self._open.items()):
+            if batch.on_durable and self._hurry(batch):
+                self._seal(kind)
+
     @property
     def lag(self) -> float:
         """Age in seconds of the oldest record not yet in S3."""
-        oldest = [b.started for b in (*self._sealed, *self._open.values())]
+        batches = (*self._sealed, *self._uploading, *self._open.values())
+        oldest = [b.started for b in batches]
         return self._loop.time() - min(oldest) if oldest else 0.0
 
     @property
     def pending(self) -> int:
-        return len(self._sealed) + len(self._open)
+        return len(self._sealed) + len(self._uploading) + len(self._open)
+
+    @property
+    def uploads(self) -> int:
+        """Objects being written now."""
+        return len(self._uploading)
 
     # ---- background ----------------------------------------------------------------
 
@@ -215,13 +292,21 @@ class S3Archive(Service):
                     self._seal(kind)
 
     async def _upload_loop(self) -> None:
+        """One of ``max_uploads`` writers. Objects may land out of order; acknowledgements
+        still leave in arrival order (``acks.AckQueue`` waits for the ones before)."""
         while True:
-            await self._wake.wait()
-            self._wake.clear()
-            while self._sealed:
-                await self._upload(self._sealed[0])
-                self._sealed.popleft()
-            self._idle.set()
+            while not self._sealed:
+                self._wake.clear()
+                await self._wake.wait()
+            batch = self._sealed.popleft()
+            self._uploading.append(batch)
+            try:
+                await self._upload(batch)
+            finally:
+                self._uploading.remove(batch)
+            self._writer_free()
+            if not self._sealed and not self._uploading:
+                self._idle.set()
 
     async def _upload(self, batch: Batch) -> None:
         key = object_key(
@@ -256,6 +341,7 @@ class S3Archive(Service):
         self.bytes += len(body)
         self.records += len(batch.lines)
         self.buffered -= batch.size
+        self._sealed_holds -= len(batch.on_durable)
         for done in batch.on_durable:
             done()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -11,6 +12,8 @@ import yaml
 from bridge import __version__
 from bridge.config import BridgeConfig, cross_check, load_config, located
 from bridge.errors import ConfigError
+from bridge.loader import bridge_variables
+from bridge.sizing import sizing_problems
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,6 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     check.add_argument("--config", required=True, nargs="+", metavar="FILE")
     check.add_argument("--quiet", "-q", action="store_true", help="print only problems")
+    check.add_argument(
+        "--strict", action="store_true", help="sizing warnings are errors too (exit 2)"
+    )
     replay = sub.add_parser("replay", help="re-drive archived messages from S3 to the target")
     replay.add_argument("--config", required=True, metavar="FILE", help="target and S3 settings")
     replay.add_argument("--from", dest="source", required=True, metavar="s3://BUCKET/PREFIX")
@@ -80,6 +86,13 @@ def _parser() -> argparse.ArgumentParser:
     cohort.add_argument("--config", required=True, metavar="FILE")
     cohort.add_argument("--route", metavar="R", help="the route (its name or filter)")
     cohort.add_argument("devices", nargs="*", metavar="DEVICE", help="default: one id per line")
+    replay.add_argument(
+        "--progress-every",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="seconds between progress lines when stderr is not a terminal (default 10)",
+    )
     health = sub.add_parser(
         "health", help="exit 0 when a worker's /healthz answers 200 (HEALTHCHECK)"
     )
@@ -94,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _health(args.url, args.timeout)
     try:
         if args.command == "check":
-            return _check(args.config, args.quiet)
+            return _check(args.config, args.quiet, args.strict)
         cfg = load_config(args.config)
         if args.command == "replay":
             return _replay(cfg, args)
@@ -143,6 +156,7 @@ def _replay(cfg: BridgeConfig, args: argparse.Namespace) -> int:
             rate=args.rate,
             to_source_topic=args.to_source_topic,
             dry_run=args.dry_run,
+            progress_every=args.progress_every,
         )
         if opts.topic_filter:
             from bridge.routing import TopicFilter
@@ -150,6 +164,8 @@ def _replay(cfg: BridgeConfig, args: argparse.Namespace) -> int:
             TopicFilter.parse(opts.topic_filter)
     except ValueError as exc:
         raise ConfigError([f"replay: {exc}"]) from None
+    if opts.progress_every < 0:
+        raise ConfigError(["replay: --progress-every must be 0 or more seconds"])
     setup_logging(cfg.log.format, "warning", direction=cfg.direction, instance=cfg.instance_id)
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
         try:
@@ -230,21 +246,33 @@ def _cohort(cfg: BridgeConfig, route: str | None, devices: list[str]) -> int:
     return 0
 
 
-def _check(paths: list[str], quiet: bool) -> int:
+def _check(paths: list[str], quiet: bool, strict: bool = False) -> int:
     configs: dict[str, BridgeConfig] = {}
     problems: list[str] = []
     for path in paths:
         try:
             configs[path] = load_config(path)
         except ConfigError as exc:
+            # A variable's problem is the same for every file: named once.
             problems += located(path, exc.problems)
     problems += cross_check(configs)
+    warnings = [f"{path}: {w}" for path, cfg in configs.items() for w in sizing_problems(cfg)]
+    if strict:
+        problems, warnings = problems + warnings, []
     if problems:
-        for problem in problems:
+        for problem in dict.fromkeys(problems):
             print(f"error: {problem}", file=sys.stderr)
         return 2
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     if not quiet:
+        from_env = sorted(bridge_variables(os.environ).values())
         for path, cfg in configs.items():
             print(f"# {path}: ok (effective configuration, secrets redacted)")
-            print(yaml.safe_dump(cfg.redacted(), sort_keys=False), end="")
+            for side, ids in cfg.client_ids().items():
+                shown = ids if len(ids) <= 4 else [*ids[:2], "…", ids[-1]]
+                print(f"# {side} client ids ({len(ids)}): {', '.join(shown)}")
+            if from_env:
+                print(f"# set by the environment: {', '.join(from_env)}")
+            print(yaml.safe_dump(cfg.effective(), sort_keys=False), end="")
     return 0

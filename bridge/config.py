@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import os
 import ssl
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -30,6 +30,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from bridge.cohort import Cohort, CohortGate, read_device_list
 from bridge.errors import ConfigError
 from bridge.limits import AWS_CLIENT_ID_MAX, AWS_IOT_LIMITS, AWS_KEEPALIVE_RANGE, TopicLimits
+from bridge.loader import ENV_ORIGIN, read_yaml, unknown_variables, variable_for, variables_inside
 from bridge.routing import (
     TopicFilter,
     TopicTemplate,
@@ -400,6 +401,9 @@ class S3Config(Section):
     flush_interval: Annotated[float, Field(gt=0)] = 1.0
     max_batch_bytes: Annotated[int, Field(ge=1024)] = 8 * 1024 * 1024
     max_buffer_bytes: Annotated[int, Field(ge=1024)] = 256 * 1024 * 1024
+    # Objects written at once. `required` mode also seals a batch once it holds
+    # flow.max_inflight / (max_uploads + 1) messages (README "Sizing `required`").
+    max_uploads: Annotated[int, Field(ge=1, le=64)] = 4
 
     @field_validator("prefix")
     @classmethod
@@ -542,6 +546,24 @@ class BridgeConfig(BaseSettings):
     def redacted(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
+    def effective(self) -> dict[str, Any]:
+        """``redacted()`` with what the worker derives filled in: the client id bases and
+        route names (profile presets are already applied to ``limits``). Loading it again
+        gives the same worker."""
+        shown = self.redacted()
+        shown["source"]["client_id"] = self.source_client_id(0)
+        shown["target"]["client_id"] = self.target.client_id or f"{self.instance_id}-tgt"
+        for route, given in zip(shown["routes"], self.routes, strict=True):
+            route["name"] = given.label
+        return shown
+
+    def client_ids(self) -> dict[str, list[str]]:
+        """The MQTT client id of every connection, per side."""
+        return {
+            "source": [self.source_client_id(i) for i in range(self.source_connections)],
+            "target": [self.target_client_id(i) for i in range(self.target.connections)],
+        }
+
 
 def loop_problems(a: BridgeConfig, b: BridgeConfig, b_name: str) -> list[str]:
     """Routes of ``a`` whose target topics can match a source filter of ``b``."""
@@ -580,38 +602,45 @@ def _message(error: Any) -> str:
     return message
 
 
-def format_validation_error(exc: ValidationError) -> list[str]:
-    return [
-        f"{_loc(tuple(e['loc']))}: {_message(e)}" if e["loc"] else _message(e)
-        for e in exc.errors(include_url=False)
-    ]
+def format_validation_error(
+    exc: ValidationError, environ: Mapping[str, str] | None = None
+) -> list[str]:
+    """One line per problem. A value a ``BRIDGE_…`` variable set is reported under that
+    variable's name (``environ``), since the file is not where to fix it."""
+    lines = []
+    for e in exc.errors(include_url=False):
+        loc = tuple(e["loc"])
+        text = f"{_loc(loc)}: {_message(e)}" if loc else _message(e)
+        variable = variable_for(loc, environ) if environ is not None and loc else None
+        if variable is not None:
+            text = f"{ENV_ORIGIN}{variable}: {text}"
+        elif environ is not None and loc:
+            inside = variables_inside(loc, environ)
+            if inside:
+                text += f" (with {', '.join(inside)} from the environment)"
+        lines.append(text)
+    return lines
 
 
 def load_config(path: str | Path) -> BridgeConfig:
-    """Read, validate and freeze one configuration file; raise ConfigError on any problem."""
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or "invalid YAML"
-        raise ConfigError([f"{path}:{where}: {problem}"]) from None
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError([f"{path}: the top level must be a mapping of keys"])
+    """Read, validate and freeze one configuration file; raise ConfigError on any problem.
+
+    ``loader`` reads the file (duplicate keys and syntax errors in plain words) and checks
+    that every ``BRIDGE_…`` variable names a setting; the model validates the values.
+    """
+    raw = read_yaml(Path(path))
+    problems = unknown_variables(os.environ, BridgeConfig)
+    if problems:
+        raise ConfigError(problems)
     try:
         return BridgeConfig(**raw)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc)) from None
+        raise ConfigError(format_validation_error(exc, os.environ)) from None
 
 
 def located(path: str, problems: list[str]) -> list[str]:
     """Problems as ``check`` prints them: each starts with the file it is about."""
-    return [p if p.startswith(path) else f"{path}: {p}" for p in problems]
+    return [p if p.startswith((path, ENV_ORIGIN)) else f"{path}: {p}" for p in problems]
 
 
 def cross_check(configs: dict[str, BridgeConfig]) -> list[str]:

@@ -33,13 +33,17 @@ class Flow:
         self._blocked = False
         self._resume_at = max(0, max_messages - max(1, max_messages // 10))
         self._waiters: list[Callable[[], None]] = []
+        self._full_watchers: list[Callable[[], None]] = []
 
     def try_admit(self, size: int) -> bool:
         # One message larger than the byte cap still passes when nothing else is in flight.
         if self.messages >= self.max_messages or (
             self.messages and self.bytes + size > self.max_bytes
         ):
-            self._blocked = True
+            if not self._blocked:
+                self._blocked = True
+                for watcher in self._full_watchers:
+                    watcher()
             return False
         self.messages += 1
         self.bytes += size
@@ -60,6 +64,11 @@ class Flow:
             self._blocked = False
             for wake in self._waiters:
                 wake()
+
+    def on_full(self, watcher: Callable[[], None]) -> None:
+        """Call ``watcher`` each time the flow becomes full (what holds messages can act:
+        the archive in `required` mode writes its batch now instead of at its timer)."""
+        self._full_watchers.append(watcher)
 
     def on_space(self, wake: Callable[[], None]) -> Callable[[], None]:
         self._waiters.append(wake)

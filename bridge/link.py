@@ -94,6 +94,7 @@ class LinkStats:
     throttled: dict[str, int] = field(default_factory=dict)
     disconnects: dict[str, int] = field(default_factory=dict)
     sessions_lost: int = 0  # source: reconnects that found no session
+    oldest: float | None = None  # source: loop time the oldest unacknowledged message came
 
 
 class ConnectPacer:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -17,6 +18,7 @@ from prometheus_client.registry import Collector
 
 from bridge import __version__
 from bridge.flow import Flow
+from bridge.reasons import DISCONNECT_REASONS, THROTTLE_REASONS
 from bridge.stats import LATENCY_BUCKETS, Stats
 
 if TYPE_CHECKING:
@@ -30,6 +32,7 @@ class Probe:
     """What the collector reads from a running bridge."""
 
     direction: str
+    instance: str
     stats: Stats
     flow: Flow
     sources: Callable[[], list[LinkStats]]
@@ -41,11 +44,17 @@ class Probe:
     adoptions: Callable[[], tuple[int, int]] = lambda: (0, 0)  # (done, unfinished)
     # (route label, percent) of the routes with a cohort, as the last reload left them.
     cohorts: Callable[[], list[tuple[str, float]]] = list
+    clock: Callable[[], float] = time.monotonic  # the clock of Pending and Stats times
 
 
 class BridgeCollector(Collector):
-    def __init__(self, probe: Probe) -> None:
+    def __init__(self, probe: Probe, target_v5: bool = True) -> None:
         self.probe = probe
+        # An MQTT 3.1.1 server cannot send DISCONNECT: no such series to promise.
+        self.disconnect_reasons = DISCONNECT_REASONS if target_v5 else ()
+        # Probe times are the loop's clock; one offset to Unix time, taken once, keeps a
+        # timestamp the same from scrape to scrape.
+        self._epoch = time.time() - probe.clock()
 
     def collect(self) -> Iterator[Metric]:
         p = self.probe
@@ -100,12 +109,17 @@ class BridgeCollector(Collector):
         )
         abandoned.add_metric([d], s.abandoned)
         yield abandoned
+        now = p.clock()
+        oldest = [link.oldest for link in p.sources() if link.oldest is not None]
         gauges: tuple[tuple[str, float, str], ...] = (
             ("inflight_messages", p.flow.messages, "Messages received and not yet acknowledged."),
             ("inflight_bytes", p.flow.bytes, "Payload bytes received and not yet acknowledged."),
-            ("inflight_messages_peak", p.flow.peak_messages, "Highest inflight_messages so far."),
-            ("inflight_bytes_peak", p.flow.peak_bytes, "Highest inflight_bytes so far."),
             ("inflight_messages_limit", p.flow.max_messages, "flow.max_inflight."),
+            (
+                "inflight_oldest_age_seconds",
+                now - min(oldest) if oldest else 0.0,
+                "Age of the oldest message waiting for its source acknowledgement (0: none).",
+            ),
             (
                 "ready",
                 int(p.ready()),
@@ -137,13 +151,40 @@ class BridgeCollector(Collector):
         for label, share in p.cohorts():
             percent.add_metric([d, label], share)
         yield percent
+        yield from self._routes(d)
         yield from self._connections(d)
         if p.archive is not None:
             yield from self._archive(d, p.archive)
         yield from self._membership(d)
-        info = GaugeMetricFamily("mqtt_bridge_build_info", "Build information.", labels=["version"])
-        info.add_metric([__version__], 1)
+        info = GaugeMetricFamily(
+            "mqtt_bridge_build_info",
+            "Always 1. instance_id is the worker's own name (in Kubernetes `instance` is the "
+            "pod's address): join on instance to show it.",
+            labels=["direction", "instance_id", "version"],
+        )
+        info.add_metric([d, p.instance, __version__], 1)
         yield info
+
+    def _routes(self, d: str) -> Iterator[Metric]:
+        s = self.probe.stats
+        inflight = GaugeMetricFamily(
+            "mqtt_bridge_route_inflight_messages",
+            "Messages of a route received and not yet acknowledged at the source.",
+            labels=["direction", "route"],
+        )
+        last = GaugeMetricFamily(
+            "mqtt_bridge_route_last_published_timestamp_seconds",
+            "Unix time of the route's last message the target took (0: none yet); "
+            "time() - this = seconds since.",
+            labels=["direction", "route"],
+        )
+        for label, received, finished, at in zip(
+            s.routes, s.received, s.finished, s.last_published, strict=True
+        ):
+            inflight.add_metric([d, label], received - finished)
+            last.add_metric([d, label], at + self._epoch if at else 0.0)
+        yield inflight
+        yield last
 
     def _connections(self, d: str) -> Iterator[Metric]:
         p = self.probe
@@ -177,8 +218,8 @@ class BridgeCollector(Collector):
             labels=["direction", "connection"],
         )
         rate = GaugeMetricFamily(
-            "mqtt_bridge_connection_rate_limit",
-            "Publish rate a target connection may use now (0 = unpaced); drops on 0x97.",
+            "mqtt_bridge_connection_rate_limit_messages_per_second",
+            "Publishes per second a target connection may use now (0 = unpaced); drops on 0x97.",
             labels=["direction", "connection"],
         )
         throttled = CounterMetricFamily(
@@ -198,10 +239,11 @@ class BridgeCollector(Collector):
             published.add_metric([d, i], target.published)
             window.add_metric([d, i], target.window)
             rate.add_metric([d, i], target.rate_limit)
-            for reason, count in target.throttled.items():
-                throttled.add_metric([d, i, reason], count)
-            for reason, count in target.disconnects.items():
-                disconnects.add_metric([d, i, reason], count)
+            # Known reasons at 0 from the start (see reasons.py), then any other seen.
+            for reason in dict.fromkeys([*THROTTLE_REASONS, *target.throttled]):
+                throttled.add_metric([d, i, reason], target.throttled.get(reason, 0))
+            for reason in dict.fromkeys([*self.disconnect_reasons, *target.disconnects]):
+                disconnects.add_metric([d, i, reason], target.disconnects.get(reason, 0))
         yield from (state, reconnects, published, window, rate, throttled, disconnects, lost)
 
     def _membership(self, d: str) -> Iterator[Metric]:
@@ -254,13 +296,14 @@ class BridgeCollector(Collector):
         for name, gauge_value, doc in (
             ("lag_seconds", archive.lag, "Age of the oldest record not yet in S3."),
             ("buffered_bytes", archive.buffered, "Record bytes waiting for S3."),
+            ("uploads_inflight", archive.uploads, "S3 uploads under way."),
         ):
             gauge = GaugeMetricFamily(f"mqtt_bridge_archive_{name}", doc, labels=["direction"])
             gauge.add_metric([d], gauge_value)
             yield gauge
 
 
-def make_registry(probe: Probe) -> Callable[[], bytes]:
+def make_registry(probe: Probe, target_v5: bool = True) -> Callable[[], bytes]:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(BridgeCollector(probe))
+    registry.register(BridgeCollector(probe, target_v5))
     return lambda: generate_latest(registry)

@@ -33,6 +33,7 @@ from bridge.metrics import Probe, make_registry
 from bridge.mqtt_codec import Publish
 from bridge.outcome import DELIVERED, EXPIRED, Outcome
 from bridge.policy import POISON_DROPS
+from bridge.reasons import dead_letter_reasons
 from bridge.release import Releasable, Releaser
 from bridge.routing import TopicFilter, TopicTemplate
 from bridge.stats import Stats
@@ -104,8 +105,12 @@ class Bridge:
             for route, label in zip(self.routes, labels, strict=True):
                 route.label = label
         self.stats = Stats(labels)
+        self.topic_limits = cfg.target.limits.topic_limits()
+        self.stats.seed_dead_letters(
+            dead_letter_reasons(self.topic_limits, cfg.target.protocol == "5")
+        )
         self.flow = Flow(cfg.flow.max_inflight, cfg.flow.max_inflight_bytes)
-        self.archive: S3Archive | None = make_archive(cfg)
+        self.archive: S3Archive | None = make_archive(cfg, self.flow)
         self.dead_letters: DeadLetterSink = dead_letters or (
             ArchiveDeadLetters(self.archive, self._record) if self.archive else LogDeadLetters()
         )
@@ -118,7 +123,6 @@ class Bridge:
         self._marker = (HOP_MARKER, cfg.instance_id)
         self._marker_only = codec.encode_properties({codec.USER_PROPERTY: [self._marker]})
         self._loop = asyncio.get_running_loop()
-        self.topic_limits = cfg.target.limits.topic_limits()
         self.failed: str | None = None  # why the worker stopped itself (exit 2)
         self._fatal = asyncio.Event()
         self.registry = make_members(cfg, self._adopt, self._fail) if worker else None
@@ -162,7 +166,8 @@ class Bridge:
             return True
         found = self._match(msg.topic)
         route_index = found[0].index if found else 0
-        pending = acks.admit(msg.packet_id, msg.qos, size, route_index)
+        now = self._loop.time()
+        pending = acks.admit(msg.packet_id, msg.qos, size, route_index, now)
         self.stats.received[route_index] += 1
         props = msg.properties
         if props is not None and self._has_marker(props):
@@ -170,13 +175,13 @@ class Bridge:
             pending.finish()
             return True
         if found is None:
-            env = self._envelope(msg, pending, msg.topic, None, 0, None)
+            env = self._envelope(msg, pending, msg.topic, None, 0, None, now)
             self._dead_letter(env, "no route matches the topic", "no_route")
             return True
         matched, target_topic = found
         if matched.gate is not None and not matched.gate.admits(msg.topic):
             return self._skip(pending, route_index, "cohort")
-        env = self._envelope(msg, pending, target_topic, props, matched.qos, matched)
+        env = self._envelope(msg, pending, target_topic, props, matched.qos, matched, now)
         problem = self.topic_limits.violation(env.topic, size)
         if problem is not None:
             self._dead_letter(env, problem, problem.split(":", 1)[0])
@@ -210,8 +215,8 @@ class Bridge:
         props: codec.Properties | None,
         route_qos: int,
         route: CompiledRoute | None,
+        now: float,
     ) -> Envelope:
-        now = self._loop.time()
         expires_at = None
         out: codec.Properties | bytes | None = None
         if self._target_v5:
@@ -248,8 +253,10 @@ class Bridge:
     def _on_done(self, env: Envelope, outcome: Outcome) -> None:
         pending = env.pending
         if outcome is DELIVERED:
+            now = self._loop.time()
             self.stats.published[pending.route] += 1
-            self.stats.observe_latency(pending.route, self._loop.time() - env.received_at)
+            self.stats.last_published[pending.route] = now
+            self.stats.observe_latency(pending.route, now - env.received_at)
             pending.finish()
         elif outcome is EXPIRED:
             self.stats.dropped[(pending.route, "expired")] += 1
@@ -289,6 +296,7 @@ class Bridge:
         if listen is not None and self.worker:
             probe = Probe(
                 direction=self.cfg.direction,
+                instance=self.cfg.instance_id,
                 stats=self.stats,
                 flow=self.flow,
                 sources=self.source.connections,
@@ -299,9 +307,12 @@ class Bridge:
                 releases=lambda: self.releaser.routes,
                 adoptions=self._adoptions,
                 cohorts=lambda: [(r.label, r.gate.cohort.percent) for r in self.routes if r.gate],
+                clock=self._loop.time,
             )
             handlers = probe_handlers(
-                make_registry(probe), lambda: self.watchdog.healthy, self.readiness
+                make_registry(probe, self._target_v5),
+                lambda: self.watchdog.healthy,
+                self.readiness,
             )
             await self._stack.enter_async_context(HttpServer(listen[0], listen[1], handlers))
         if self.archive is not None:
@@ -381,7 +392,7 @@ class Bridge:
         await asyncio.shield(self.source.close(exits))
         elapsed = round(self._loop.time() - started, 3)
         if drained:
-            self.log.info("bridge.left", drained=True, seconds=elapsed, **self.stats.summary())
+            self.log.info("bridge.left", drained=True, seconds=elapsed, **self._summary())
         else:
             self.log.warning(
                 "bridge.left",
@@ -389,7 +400,7 @@ class Bridge:
                 seconds=elapsed,
                 unfinished=left,
                 note="unfinished messages stay in the source session for the next start",
-                **self.stats.summary(),
+                **self._summary(),
             )
         return drained
 
@@ -425,6 +436,15 @@ class Bridge:
         )
         return done
 
+    def _summary(self) -> dict[str, int]:
+        # The peaks live in the logs, not /metrics: between two scrapes a gauge misses
+        # them, and max_over_time() of inflight_messages is what a dashboard wants.
+        return {
+            **self.stats.summary(),
+            "inflight_peak": self.flow.peak_messages,
+            "inflight_bytes_peak": self.flow.peak_bytes,
+        }
+
     async def _report_stats(self) -> None:
         interval = self.cfg.log.stats_interval
         while True:
@@ -434,5 +454,5 @@ class Bridge:
                 inflight=self.flow.messages,
                 inflight_bytes=self.flow.bytes,
                 ready=self.ready,
-                **self.stats.summary(),
+                **self._summary(),
             )

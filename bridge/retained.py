@@ -121,7 +121,7 @@ class RetainedSync:
         # A dry run writes nothing anywhere; a real one archives like the live flow, under
         # its own instance name so its objects never collide with a worker's.
         self.archive: S3Archive | None = (
-            None if opts.dry_run else make_archive(cfg, f"{cfg.instance_id}-{TAG}")
+            None if opts.dry_run else make_archive(cfg, instance=f"{cfg.instance_id}-{TAG}")
         )
         self._dead_letters: DeadLetterSink = (
             ArchiveDeadLetters(self.archive, self._record) if self.archive else LogDeadLetters()

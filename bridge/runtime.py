@@ -115,6 +115,10 @@ async def _main(cfg: BridgeConfig, config_path: str | None = None) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
     log.info("bridge.start", loop=type(loop).__module__, config=cfg.redacted())
+    from bridge.sizing import sizing_problems
+
+    for problem in sizing_problems(cfg):
+        log.warning("config.sizing", problem=problem)
     bridge = Bridge(cfg)
     reloader = None
     if config_path is not None:

@@ -58,16 +58,27 @@ class SourceLink(Link):
         self._stats = stats
         self._conn: Connection | None = None
         self._acks: AckQueue | None = None
+        self._detached: list[AckQueue] = []
 
     def stats(self) -> LinkStats:
+        # A lost connection's queue still holds messages until the target answers them.
+        self._detached = [queue for queue in self._detached if len(queue)]
+        queues = [*self._detached, *([self._acks] if self._acks is not None else [])]
+        times = [t for t in (queue.oldest() for queue in queues) if t is not None]
         return LinkStats(
-            self.index, self.subscribed, self.reconnects, sessions_lost=self.sessions_lost
+            self.index,
+            self.subscribed,
+            self.reconnects,
+            sessions_lost=self.sessions_lost,
+            oldest=min(times) if times else None,
         )
 
     # ---- link hooks ----------------------------------------------------------------
 
     def _on_new(self, conn: Connection) -> None:
         # Messages of a resumed session may arrive right after CONNACK, before SUBACK.
+        if self._acks is not None and len(self._acks):
+            self._detached.append(self._acks)
         self._conn, self._acks = conn, AckQueue(self.flow, conn, self._stats)
 
     async def _on_connect(self, conn: Connection) -> None:

@@ -6,6 +6,8 @@ from bisect import bisect_left
 from collections import Counter
 from dataclasses import dataclass, field
 
+from bridge.reasons import DROP_REASONS, NO_ROUTE
+
 # End-to-end latency buckets (seconds): source receipt -> target acknowledgement.
 LATENCY_BUCKETS = (
     0.001,
@@ -36,6 +38,10 @@ class Stats:
     # Acknowledged without forwarding, by design: `cohort` (the device is outside it).
     skipped: Counter[tuple[int, str]] = field(default_factory=Counter)
     reloads: Counter[str] = field(default_factory=Counter)  # "applied" | "refused"
+    # Per route: messages finished (acknowledged or abandoned); in flight = received - finished.
+    finished: list[int] = field(default_factory=list)
+    # Per route: loop time of the last target acknowledgement (0.0: none yet).
+    last_published: list[float] = field(default_factory=list)
     acknowledged: int = 0
     abandoned: int = 0  # finished after their source connection was lost: redelivered later
     # Per route: a count per bucket (the last one is +Inf), and the sum of observations.
@@ -45,15 +51,25 @@ class Stats:
     def __post_init__(self) -> None:
         self.received = [0] * len(self.routes)
         self.published = [0] * len(self.routes)
+        self.finished = [0] * len(self.routes)
+        self.last_published = [0.0] * len(self.routes)
         self.latency_counts = [[0] * (len(LATENCY_BUCKETS) + 1) for _ in self.routes]
         self.latency_sums = [0.0] * len(self.routes)
-        # Zero series for the known reasons, so alerts on rate() see them from the start.
+        # Zero series for the known reasons, so alerts on increase() see them from the start.
         for route in range(len(self.routes)):
-            for reason in ("full", "loop", "expired"):
+            for reason in DROP_REASONS:
                 self.dropped[(route, reason)] += 0
             self.skipped[(route, "cohort")] += 0
         for result in ("applied", "refused"):
             self.reloads[result] += 0
+
+    def seed_dead_letters(self, reasons: list[str]) -> None:
+        """Zero series for the dead-letter reasons this worker can produce (``reasons``)."""
+        for route in range(len(self.routes)):
+            for reason in reasons:
+                self.dead_lettered[(route, reason)] += 0
+        if self.routes:
+            self.dead_lettered[(0, NO_ROUTE)] += 0
 
     def observe_latency(self, route: int, seconds: float) -> None:
         self.latency_counts[route][bisect_left(LATENCY_BUCKETS, seconds)] += 1

@@ -126,26 +126,37 @@ def make_source(
     return Source(links, flow)
 
 
-def make_archive(cfg: BridgeConfig, instance: str | None = None) -> S3Archive | None:
-    """The S3 archive of ``cfg``, or None without ``backup.s3``. ``instance`` names the
-    objects of another tool (sync-retained), so they never collide with the worker's."""
+def make_archive(
+    cfg: BridgeConfig, flow: Flow | None = None, instance: str | None = None
+) -> S3Archive | None:
+    """The S3 archive of ``cfg``, or None without ``backup.s3``. In `required` mode it
+    writes a batch early when it holds its share of the flow, or when ``flow`` fills.
+    ``instance`` names the objects of another tool (sync-retained), so they never collide
+    with the worker's."""
     s3 = cfg.backup.s3
     if s3 is None:
         return None
-    return S3Archive(
+    required = s3.mode == "required"
+    archive = S3Archive(
         ArchiveSettings(
             s3.bucket,
             s3.prefix,
             s3.endpoint_url,
             s3.region,
-            s3.mode == "required",
+            required,
             s3.flush_interval,
             s3.max_batch_bytes,
             s3.max_buffer_bytes,
+            s3.max_uploads,
+            cfg.flow.max_inflight if required else None,
         ),
         cfg.direction,
         instance or cfg.instance_id,
     )
+    if flow is not None:
+        # Dead letters hold acknowledgements in both modes: their batch goes early too.
+        flow.on_full(archive.seal_held)
+    return archive
 
 
 def make_adopter(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import getpass
+import json
 import os
 import shutil
 import signal
@@ -221,6 +222,24 @@ class Worker:
 
     def stop(self) -> None:
         terminate(self.proc, 30)
+
+    def logged(self, event: str) -> list[dict[str, Any]]:
+        """The worker's JSON log lines of one event, oldest first."""
+        if not self.log_path.exists():
+            return []
+        tag = f'"event":"{event}"'
+        return [
+            json.loads(line)
+            for line in self.log_path.read_text(errors="replace").splitlines()
+            if tag in line and line.startswith("{")
+        ]
+
+    def inflight_peak(self, timeout: float = 15) -> int:
+        """The highest in-flight count so far, from a ``bridge.stats`` line logged after
+        this call (the peak is a log field: a scraped gauge would miss it between scrapes)."""
+        seen = len(self.logged("bridge.stats"))
+        wait_until(lambda: len(self.logged("bridge.stats")) > seen, timeout, what="bridge.stats")
+        return int(self.logged("bridge.stats")[-1]["inflight_peak"])
 
     def log_tail(self, n: int = 4000) -> str:
         return self.log_path.read_text(errors="replace")[-n:] if self.log_path.exists() else ""

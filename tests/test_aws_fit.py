@@ -120,7 +120,7 @@ def test_quota_exceeded_slows_the_connection_and_retries(rig: Rig) -> None:
     assert m["throttled{connection=0,reason=quota_exceeded}"] == 20
     assert m["dead_lettered"] == 0
     assert m["acknowledged"] == 400
-    assert 0 < m["connection_rate_limit{connection=0}"] <= 400
+    assert 0 < m["connection_rate_limit_messages_per_second{connection=0}"] <= 400
     assert '"event":"target.throttled"' in worker.log_tail(100_000)
 
 

@@ -309,3 +309,31 @@ def test_copy_route_with_cohort(
     code, out, _ = run_check(capsys, write(tmp_path, BASE))
     assert code == 0
     assert yaml.safe_load(out)["routes"][0]["cohort"]["percent"] == 40
+
+
+def test_sizing_rules_warn_and_strict_makes_them_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = with_(
+        target__connections=20,
+        target__limits={"inflight": 100},
+        flow={"max_inflight": 1000},
+        backup={"s3": {"bucket": "b", "mode": "required"}},
+    )
+    path = write(tmp_path, cfg)
+    code, out, err = run_check(capsys, path)
+    assert code == 0
+    assert out  # still valid: the effective configuration is printed
+    assert err.splitlines() == [
+        f"warning: {path}: flow.max_inflight 1000 < target.connections 20 × limits.inflight "
+        "100 = 2000: the target connections can never all be busy; set flow.max_inflight "
+        "to at least 2000",
+        f"warning: {path}: backup.s3.mode required with flow.max_inflight 1000 < 2 × 2000 "
+        "(the target windows): the archive's batches and the target compete for the same "
+        "bound; set flow.max_inflight to at least 4000",
+    ]
+    assert main(["check", "--strict", "-q", "--config", str(path)]) == 2
+    assert capsys.readouterr().err.count("error:") == 2
+    cfg["flow"]["max_inflight"] = 4000
+    code, _, err = run_check(capsys, write(tmp_path, cfg))
+    assert (code, err) == (0, "")

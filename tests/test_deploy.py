@@ -51,6 +51,7 @@ GRACE_SECONDS = 30  # Kubernetes' default grace period; shutdown.deadline must s
 
 # What the bridge exports (README "HTTP endpoints and metrics", plus issue 5's additions).
 _COUNTERS = {
+    "disconnects_total",
     "received_total",
     "published_total",
     "acknowledged_total",
@@ -70,9 +71,10 @@ _COUNTERS = {
 _GAUGES = {
     "inflight_messages",
     "inflight_bytes",
-    "inflight_messages_peak",
-    "inflight_bytes_peak",
     "inflight_messages_limit",
+    "inflight_oldest_age_seconds",
+    "route_inflight_messages",
+    "route_last_published_timestamp_seconds",
     "ready",
     "connected",
     "build_info",
@@ -83,6 +85,8 @@ _HISTOGRAMS = {"e2e_latency_seconds"}
 METRICS = frozenset(
     {f"mqtt_bridge_{name}" for name in _COUNTERS | _GAUGES}
     | {f"mqtt_bridge_{h}_{s}" for h in _HISTOGRAMS for s in ("bucket", "sum", "count")}
+    # Prometheus' own series about a scrape (a worker that is down has only these).
+    | {"up"}
 )
 
 # Config keys the artifacts may use before bridge.config knows them. While one is reported
@@ -211,6 +215,53 @@ def secret_files() -> dict[str, str]:
         "key.pem": cert.private_key_pem.bytes().decode(),
         "password": "not-a-real-password\n",
     }
+
+
+# --- every shipped configuration -------------------------------------------------------------
+
+
+def _shipped_configs() -> list[Path]:
+    """Every bridge configuration in deploy/ (a YAML mapping with a `direction`)."""
+    found = []
+    for path in sorted(DEPLOY.rglob("*.yaml")):
+        docs = _yaml_all(path)
+        if len(docs) == 1 and isinstance(docs[0], dict) and "direction" in docs[0]:
+            found.append(path)
+    return found
+
+
+def test_every_shipped_config_passes_check_with_its_sizing_rules(
+    tmp_path: Path,
+    clean_env: pytest.MonkeyPatch,
+    secret_files: dict[str, str],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`mqtt-bridge check --strict`: valid, no loops, and no sizing warning (a shipped
+    config that breaks the README's own sizing rules is a bug)."""
+    from bridge.cli import main
+
+    shipped = _shipped_configs()
+    names = {p.relative_to(DEPLOY).as_posix() for p in shipped}
+    assert {
+        "compose/dtb-0.yaml", "compose/dtb-1.yaml", "compose/btd-0.yaml",
+        "kubernetes/overlays/dtb/config.yaml", "kubernetes/overlays/btd/config.yaml",
+        "examples/dtb-aws-iot.yaml", "examples/btd-aws-iot.yaml",
+    } == names  # fmt: skip
+    files = {
+        **secret_files,
+        "AmazonRootCA1.pem": secret_files["ca.pem"],
+        "certificate.pem.crt": secret_files["cert.pem"],
+        "private.pem.key": secret_files["key.pem"],
+    }
+    clean_env.setenv("HOSTNAME", "worker-0")  # instance_id where the config leaves it out
+    for path in shipped:
+        text = path.read_text().replace("<ENDPOINT>", "abc123").replace("<REGION>", "eu-west-1")
+        raw = _localize(yaml.safe_load(text), ETC, tmp_path / "etc", files)
+        copy = tmp_path / path.relative_to(DEPLOY).as_posix().replace("/", "-")
+        copy.write_text(yaml.safe_dump(raw))
+        code = main(["check", "--strict", "-q", "--config", str(copy)])
+        err = capsys.readouterr().err
+        assert (code, err) == (0, ""), f"{path.relative_to(DEPLOY)}: {err}"
 
 
 # --- Dockerfile ---------------------------------------------------------------------------

@@ -14,10 +14,13 @@ from tests.harness import ROOT, Collector, Publisher, Worker, bridge_config, wai
 CATALOGUE = [
     "received_total", "published_total", "acknowledged_total", "dropped_total",
     "dead_lettered_total", "abandoned_total", "inflight_messages", "inflight_bytes",
-    "inflight_messages_peak", "inflight_messages_limit", "e2e_latency_seconds", "connected",
+    "inflight_messages_limit", "inflight_oldest_age_seconds", "route_inflight_messages",
+    "route_last_published_timestamp_seconds", "e2e_latency_seconds", "connected",
     "reconnects_total", "ready", "build_info", "event_loop_lag_seconds",
-    "connection_published_total", "connection_window", "connection_rate_limit",
-    "throttled_total", "disconnects_total", "skipped_total", "reloads_total", "cohort_percent",
+    "connection_published_total", "connection_window",
+    "connection_rate_limit_messages_per_second", "throttled_total", "disconnects_total",
+    "skipped_total", "reloads_total", "cohort_percent", "route_released", "route_releases_total",
+    "route_rejoins_total", "adoptions_total", "source_sessions_lost_total",
 ]  # fmt: skip
 
 

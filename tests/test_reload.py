@@ -261,7 +261,7 @@ def test_bad_reload_changes_nothing_and_a_good_one_applies_only_live_keys(
     assert len(refused[0]["errors"]) == 2
     m = worker.metrics()
     assert m["cohort_percent{route=shadow}"] == 10
-    assert m["connection_rate_limit{connection=0}"] == 500
+    assert m["connection_rate_limit_messages_per_second{connection=0}"] == 500
     assert round_of_traffic(1) == in10  # still the running configuration
 
     # A good file: new percent, a new canary in the same file, a new rate — applied; a
@@ -281,7 +281,7 @@ def test_bad_reload_changes_nothing_and_a_good_one_applies_only_live_keys(
     restart = json.loads(next(line for line in log if '"reload.needs_restart"' in line))
     assert restart["keys"] == ["flow.max_inflight", "target.keepalive"]
     m = worker.metrics()
-    assert m["connection_rate_limit{connection=0}"] == 250
+    assert m["connection_rate_limit_messages_per_second{connection=0}"] == 250
     assert m["cohort_percent{route=shadow}"] == 30
     assert m["inflight_messages_limit"] == 1000  # the running flow bound stays
     in30 = {d for d in DEVICES if position(d) < 30} | {newcomer}
