@@ -17,6 +17,10 @@ from typing import Protocol
 from bridge.flow import Flow
 from bridge.stats import Stats
 
+# The route index of the bridge's own messages (heartbeats): they keep their place in line
+# for the source acknowledgement, but are neither counted as traffic nor held in the flow.
+INTERNAL = -1
+
 
 class Acknowledger(Protocol):
     """The source connection, as far as acknowledgements go."""
@@ -81,6 +85,10 @@ class AckQueue:
         stats = self._stats
         while queue and queue[0].done:
             head = queue.popleft()
+            if head.route == INTERNAL:
+                if head.qos and conn is not None:
+                    conn.puback(head.packet_id)
+                continue
             if conn is None:
                 stats.abandoned += 1
             else:

@@ -21,6 +21,7 @@ from typing import Protocol
 import structlog
 
 from bridge.errors import ConnectionFailed
+from bridge.failover import Failover, log_move
 from bridge.mqtt import Endpoint, Listener, SessionOptions
 from bridge.mqtt_codec import SESSION_TAKEN_OVER, Properties, Publish
 
@@ -81,6 +82,7 @@ class LinkStats:
     rate_limit: float = 0.0  # 0: unpaced
     throttled: dict[str, int] = field(default_factory=dict)
     disconnects: dict[str, int] = field(default_factory=dict)
+    received: int = 0  # source: messages this connection took
 
 
 class ConnectPacer:
@@ -120,7 +122,8 @@ class Link:
 
     Subclasses set ``side`` and implement ``_on_connect`` (awaited after a successful
     CONNACK; raising ConnectionFailed counts as a failed connect) and the
-    ``mqtt.Listener`` callbacks.
+    ``mqtt.Listener`` callbacks. Which endpoint to dial is the ``failover`` policy's
+    choice (shared by the links of one side); without one, ``endpoint`` is the only one.
     """
 
     side = "link"
@@ -133,6 +136,7 @@ class Link:
         connect_timeout: float,
         connect_interval: float,
         factory: ConnectionFactory,
+        failover: Failover | None = None,
     ) -> None:
         self.index = index
         self.endpoint = endpoint
@@ -143,12 +147,20 @@ class Link:
         self._pacer = ConnectPacer(connect_interval)
         self._stopping = False
         self._log = structlog.get_logger().bind(side=self.side, connection=index)
+        self.failover = failover or Failover(self.side, [endpoint])
+        self.failover.on_failback(self._failed_back)
+        self._dialed = 0  # the failover index of the endpoint of the current connection
+        self._live: Connection | None = None
+        self._leaving: set[asyncio.Task[None]] = set()
 
     async def run(self) -> None:
         backoff = Backoff()
+        loop = asyncio.get_running_loop()
         while not self._stopping:
             await self._pacer.wait()
+            self._dialed, self.endpoint = self.failover.dial()
             conn = self._factory(self.options, self)
+            started = loop.time()
             try:
                 self._on_new(conn)
                 await conn.connect(self.endpoint, self.connect_timeout)
@@ -156,12 +168,25 @@ class Link:
             except ConnectionFailed as exc:
                 conn.abort()
                 delay = backoff.next_delay()
+                move = self.failover.failed(self._dialed, started, loop.time())
+                if move is not None:
+                    log_move(self._log, move)
+                    backoff.reset()  # a new endpoint starts with a short delay
+                    delay = backoff.next_delay()
+                else:
+                    delay = self.failover.retry_delay(delay, loop.time())
                 self._log.warning(
                     f"{self.side}.connect_failed", error=str(exc), retry_in=round(delay, 2)
                 )
                 await asyncio.sleep(delay)
                 continue
-            await conn.wait_closed()
+            self.failover.connected(self._dialed)
+            self._live = conn
+            try:
+                await conn.wait_closed()
+            finally:
+                self._live = None
+                self.failover.lost(self._dialed)
             taken_over = conn.disconnect_reason == SESSION_TAKEN_OVER
             if taken_over:
                 self._log.error(
@@ -175,6 +200,16 @@ class Link:
             if not taken_over:
                 backoff.reset()  # a takeover keeps growing the delay: two owners must not ping-pong
             await asyncio.sleep(backoff.next_delay())
+
+    def _failed_back(self) -> None:
+        """The side moved back to its primary: leave a connection elsewhere (gracefully;
+        what was in flight is republished on the next connection)."""
+        conn = self._live
+        if conn is None or self._dialed == self.failover.active or self._stopping:
+            return
+        task = asyncio.get_running_loop().create_task(conn.disconnect())
+        self._leaving.add(task)
+        task.add_done_callback(self._leaving.discard)
 
     # ---- mqtt.Listener: what every side answers --------------------------------------
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -36,6 +36,8 @@ class Probe:
     ready: Callable[[], bool]
     archive: S3Archive | None = None
     loop_lag: Callable[[], float] = lambda: 0.0
+    # Families of other concepts (heartbeat, failover), each given the direction label.
+    extra: Sequence[Callable[[str], Iterable[Metric]]] = ()
 
 
 class BridgeCollector(Collector):
@@ -103,7 +105,7 @@ class BridgeCollector(Collector):
             (
                 "ready",
                 int(p.ready()),
-                "1 when subscribed at the source and connected to the target.",
+                "1 when /readyz is 200: subscribed, connected, and the heartbeat crosses.",
             ),
             (
                 "event_loop_lag_seconds",
@@ -118,6 +120,8 @@ class BridgeCollector(Collector):
         yield from self._connections(d)
         if p.archive is not None:
             yield from self._archive(d, p.archive)
+        for more in p.extra:
+            yield from more(d)
         info = GaugeMetricFamily("mqtt_bridge_build_info", "Build information.", labels=["version"])
         info.add_metric([__version__], 1)
         yield info
@@ -134,9 +138,15 @@ class BridgeCollector(Collector):
             "Connections lost and re-established.",
             labels=["direction", "side", "connection"],
         )
+        received = CounterMetricFamily(
+            "mqtt_bridge_connection_received",
+            "Messages a source connection took (source.connections share a group's traffic).",
+            labels=["direction", "connection"],
+        )
         for link in p.sources():
             state.add_metric([d, "source", str(link.index)], int(link.up))
             reconnects.add_metric([d, "source", str(link.index)], link.reconnects)
+            received.add_metric([d, str(link.index)], link.received)
         published = CounterMetricFamily(
             "mqtt_bridge_connection_published",
             "Messages a target connection got acknowledged.",
@@ -173,7 +183,7 @@ class BridgeCollector(Collector):
                 throttled.add_metric([d, i, reason], count)
             for reason, count in target.disconnects.items():
                 disconnects.add_metric([d, i, reason], count)
-        yield from (state, reconnects, published, window, rate, throttled, disconnects)
+        yield from (state, reconnects, received, published, window, rate, throttled, disconnects)
 
     @staticmethod
     def _archive(d: str, archive: S3Archive) -> Iterator[Metric]:

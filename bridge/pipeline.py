@@ -21,10 +21,11 @@ import structlog
 
 from bridge import archive as archive_format
 from bridge import mqtt_codec as codec
-from bridge.acks import AckQueue, Pending
+from bridge.acks import INTERNAL, AckQueue, Pending
 from bridge.archive import ARCHIVE, S3Archive
 from bridge.config import HOP_MARKER, BridgeConfig
 from bridge.deadletter import ArchiveDeadLetters, DeadLetterSink, LogDeadLetters
+from bridge.failover import failover_metrics
 from bridge.flow import Flow, WhenFull
 from bridge.http import HttpServer, probe_handlers
 from bridge.message import Envelope
@@ -36,7 +37,14 @@ from bridge.routing import TopicFilter, TopicTemplate
 from bridge.stats import Stats
 from bridge.target import Target
 from bridge.watchdog import Watchdog
-from bridge.wiring import make_archive, make_source, make_target
+from bridge.wiring import (
+    make_archive,
+    make_failback,
+    make_failover,
+    make_heartbeat,
+    make_source,
+    make_target,
+)
 
 # MQTT 5 properties a republished message keeps. Topic alias and subscription
 # identifiers belong to one connection; the expiry is rewritten as what remains.
@@ -92,14 +100,21 @@ class Bridge:
         self._marker_only = codec.encode_properties({codec.USER_PROPERTY: [self._marker]})
         self._loop = asyncio.get_running_loop()
         self.topic_limits = cfg.target.limits.topic_limits()
-        self.source = make_source(cfg, self.flow, self._handle, self.stats)
-        self.target: Target = make_target(cfg, self._on_done)
+        # One endpoint policy per side, shared by its links and the heartbeat's link there.
+        self.failovers = (make_failover("source", cfg.source), make_failover("target", cfg.target))
+        source_fo, target_fo = self.failovers
+        self.source = make_source(cfg, self.flow, self._handle, self.stats, failover=source_fo)
+        self.target: Target = make_target(cfg, self._on_done, failover=target_fo)
+        self.heartbeat = make_heartbeat(cfg, source_fo, target_fo)
+        self._heartbeat_topic = self.heartbeat.topics.source if self.heartbeat else None
         self.watchdog = Watchdog()
         self._stack = contextlib.AsyncExitStack()
 
     # ---- hot path ------------------------------------------------------------------
 
     def _handle(self, acks: AckQueue, msg: Publish) -> bool:
+        if msg.topic == self._heartbeat_topic:
+            return self._carry_heartbeat(acks, msg)
         size = len(msg.payload)
         if not self.flow.try_admit(size):
             if self.flow.when_full(msg.qos) is WhenFull.DROP:
@@ -133,6 +148,20 @@ class Bridge:
                 archive.add(ARCHIVE, self._record(env), pending.finish)
             else:
                 archive.add(ARCHIVE, self._record(env), None)
+        self.target.submit(env)
+        return True
+
+    def _carry_heartbeat(self, acks: AckQueue, msg: Publish) -> bool:
+        """The heartbeat's own route: in line for the source ack, never counted, archived or
+        dead-lettered; outside the flow bound (heartbeat.MAX_CARRIED bounds it)."""
+        heartbeat = self.heartbeat
+        assert heartbeat is not None
+        pending = acks.admit(msg.packet_id, msg.qos, 0, INTERNAL)
+        if not heartbeat.take(msg.payload):
+            pending.finish()
+            return True
+        env = self._envelope(msg, pending, heartbeat.topics.target, None, 1, None)
+        env.qos = 1  # subscribed at QoS 0; crosses at QoS 1 to prove the target's PUBACK
         self.target.submit(env)
         return True
 
@@ -192,6 +221,10 @@ class Bridge:
 
     def _on_done(self, env: Envelope, outcome: Outcome) -> None:
         pending = env.pending
+        if pending.route == INTERNAL and self.heartbeat is not None:
+            self.heartbeat.forwarded(env.payload, outcome)
+            pending.finish()
+            return
         if outcome is DELIVERED:
             self.stats.published[pending.route] += 1
             self.stats.observe_latency(pending.route, self._loop.time() - env.received_at)
@@ -211,15 +244,20 @@ class Bridge:
 
     @property
     def ready(self) -> bool:
-        return self.source.subscribed and self.target.ready
+        heartbeat = self.heartbeat
+        crossing = heartbeat is None or heartbeat.fresh
+        return self.source.subscribed and self.target.ready and crossing
 
     def readiness(self) -> dict[str, Any]:
         """What /readyz answers: ready, and the facts it is made of."""
-        return {
+        state = {
             "ready": self.ready,
             "source_subscribed": self.source.subscribed,
             "target_connected": [c.up for c in self.target.connections()],
         }
+        if self.heartbeat is not None:
+            state["heartbeat"] = self.heartbeat.state()
+        return state
 
     async def __aenter__(self) -> Bridge:
         await self._stack.__aenter__()
@@ -235,6 +273,10 @@ class Bridge:
                 ready=lambda: self.ready,
                 archive=self.archive,
                 loop_lag=lambda: self.watchdog.lag,
+                extra=[
+                    lambda d: failover_metrics(d, self.failovers),
+                    *([self.heartbeat.metrics] if self.heartbeat else []),
+                ],
             )
             handlers = probe_handlers(
                 make_registry(probe), lambda: self.watchdog.healthy, self.readiness
@@ -245,6 +287,10 @@ class Bridge:
         # Targets first: a source message must find a connection to go to.
         await self._stack.enter_async_context(self.target)
         await self._stack.enter_async_context(self.source)
+        for failover in self.failovers:
+            await self._stack.enter_async_context(make_failback(self.cfg, failover))
+        if self.heartbeat is not None:
+            await self._stack.enter_async_context(self.heartbeat)
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -267,6 +313,8 @@ class Bridge:
         drained = False
         try:
             async with asyncio.timeout(cfg.deadline):
+                if self.heartbeat is not None:
+                    await self.heartbeat.close()  # our own messages stop first
                 await self.source.unsubscribe()
                 while True:
                     now = self._loop.time()

@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 from bridge.acks import AckQueue
 from bridge.errors import ConnectionFailed
+from bridge.failover import Failover
 from bridge.flow import Flow
 from bridge.link import Connection, ConnectionFactory, Link, LinkStats
 from bridge.mqtt import Endpoint, MqttConnection, SessionOptions
@@ -41,20 +42,24 @@ class SourceLink(Link):
         connect_timeout: float,
         stats: Stats,
         factory: ConnectionFactory = MqttConnection,
+        failover: Failover | None = None,
     ) -> None:
-        super().__init__(index, endpoint, options, connect_timeout, connect_interval, factory)
+        super().__init__(
+            index, endpoint, options, connect_timeout, connect_interval, factory, failover
+        )
         self.subscriptions = subscriptions
         self.per_subscribe = per_subscribe or len(subscriptions)
         self.flow = flow
         self.subscribed = False
         self.last_received = 0.0
+        self.received = 0
         self._handler = handler
         self._stats = stats
         self._conn: Connection | None = None
         self._acks: AckQueue | None = None
 
     def stats(self) -> LinkStats:
-        return LinkStats(self.index, self.subscribed, self.reconnects)
+        return LinkStats(self.index, self.subscribed, self.reconnects, received=self.received)
 
     # ---- link hooks ----------------------------------------------------------------
 
@@ -103,7 +108,9 @@ class SourceLink(Link):
         if conn is not self._conn or acks is None:
             return True
         self.last_received = conn.last_rx
-        return self._handler(acks, msg)
+        taken = self._handler(acks, msg)
+        self.received += taken  # a held message is offered again: count it once
+        return taken
 
     def on_puback(self, conn: Connection, packet_id: int, reason_code: int) -> None:
         """The source side never publishes."""
