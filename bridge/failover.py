@@ -81,7 +81,7 @@ class Failover:
         self._up: Counter[int] = Counter()  # connections up, per endpoint index
         self._failing_since: float | None = None
         self._healthy_since: float | None = None
-        self._on_failback: list[Callable[[], None]] = []
+        self._watchers: list[Callable[[Move], None]] = []
 
     @property
     def can_move(self) -> bool:
@@ -140,9 +140,10 @@ class Failover:
             return None
         return self._move(0, FAILBACK)
 
-    def on_failback(self, callback: Callable[[], None]) -> None:
-        """``callback`` runs after a failback: connections elsewhere should move now."""
-        self._on_failback.append(callback)
+    def on_move(self, callback: Callable[[Move], None]) -> None:
+        """``callback`` runs after every move: links waiting out a backoff dial the new
+        endpoint at once, and after a failback connections elsewhere follow."""
+        self._watchers.append(callback)
 
     def _move(self, to: int, reason: str) -> Move:
         move = Move(self.side, self.endpoints[self.active], self.endpoints[to], reason)
@@ -150,9 +151,8 @@ class Failover:
         self._failing_since = None
         self._healthy_since = None
         self.moves[reason] += 1
-        if reason == FAILBACK:
-            for callback in self._on_failback:
-                callback()
+        for callback in self._watchers:
+            callback(move)
         return move
 
 

@@ -11,6 +11,7 @@ a link runs in-process against a fake connection in the tests.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import random
 import time
@@ -21,7 +22,7 @@ from typing import Protocol
 import structlog
 
 from bridge.errors import ConnectionFailed
-from bridge.failover import Failover, log_move
+from bridge.failover import FAILBACK, Failover, Move, log_move
 from bridge.mqtt import Endpoint, Listener, SessionOptions
 from bridge.mqtt_codec import SESSION_TAKEN_OVER, Properties, Publish
 
@@ -148,10 +149,11 @@ class Link:
         self._stopping = False
         self._log = structlog.get_logger().bind(side=self.side, connection=index)
         self.failover = failover or Failover(self.side, [endpoint])
-        self.failover.on_failback(self._failed_back)
+        self.failover.on_move(self._moved)
         self._dialed = 0  # the failover index of the endpoint of the current connection
         self._live: Connection | None = None
         self._leaving: set[asyncio.Task[None]] = set()
+        self._redial = asyncio.Event()
 
     async def run(self) -> None:
         backoff = Backoff()
@@ -171,14 +173,15 @@ class Link:
                 move = self.failover.failed(self._dialed, started, loop.time())
                 if move is not None:
                     log_move(self._log, move)
-                    backoff.reset()  # a new endpoint starts with a short delay
+                if self.failover.active != self._dialed:
+                    backoff.reset()  # the side moved: a new endpoint starts with a short delay
                     delay = backoff.next_delay()
                 else:
                     delay = self.failover.retry_delay(delay, loop.time())
                 self._log.warning(
                     f"{self.side}.connect_failed", error=str(exc), retry_in=round(delay, 2)
                 )
-                await asyncio.sleep(delay)
+                await self._sleep(delay)
                 continue
             self.failover.connected(self._dialed)
             self._live = conn
@@ -201,12 +204,22 @@ class Link:
                 backoff.reset()  # a takeover keeps growing the delay: two owners must not ping-pong
             await asyncio.sleep(backoff.next_delay())
 
-    def _failed_back(self) -> None:
-        """The side moved back to its primary: leave a connection elsewhere (gracefully;
-        what was in flight is republished on the next connection)."""
+    async def _sleep(self, delay: float) -> None:
+        """Back off, unless the side moves meanwhile: then dial the new endpoint at once."""
+        self._redial.clear()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(delay):
+                await self._redial.wait()
+
+    def _moved(self, move: Move) -> None:
+        self._redial.set()
         conn = self._live
-        if conn is None or self._dialed == self.failover.active or self._stopping:
+        if move.reason != FAILBACK or conn is None or self._stopping:
+            return  # a failover never drops a live connection: it is healthy
+        if self._dialed == self.failover.active:
             return
+        # Back to the primary, proven by probes: leave gracefully; what was in flight is
+        # republished on the next connection.
         task = asyncio.get_running_loop().create_task(conn.disconnect())
         self._leaving.add(task)
         task.add_done_callback(self._leaving.discard)
