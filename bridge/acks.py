@@ -60,6 +60,7 @@ class AckQueue:
         self._queue: deque[Pending] = deque()
         self.conn: Acknowledger | None = conn
         self._stats = stats
+        self.admitted = 0  # traffic this connection took (per-connection metrics)
         # Bound once: every Pending of this connection carries the same callback.
         self.complete_one: Callable[[Pending], None] = self.complete
 
@@ -68,7 +69,14 @@ class AckQueue:
 
     def admit(self, packet_id: int, qos: int, size: int, route: int) -> Pending:
         """A new message in line behind the ones already here."""
+        self.admitted += 1
         pending = Pending(packet_id, qos, size, route, self.complete_one)
+        self._queue.append(pending)
+        return pending
+
+    def admit_internal(self, packet_id: int, qos: int) -> Pending:
+        """The bridge's own message (a heartbeat): in line, but not counted as traffic."""
+        pending = Pending(packet_id, qos, 0, INTERNAL, self.complete_one)
         self._queue.append(pending)
         return pending
 

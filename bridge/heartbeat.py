@@ -49,6 +49,10 @@ from bridge.stats import LATENCY_BUCKETS
 MAX_CARRIED = 4  # heartbeats between the bridge's receipt and the target's answer
 MAX_UNPUBLISHED = 8  # heartbeats the source broker has not acknowledged yet
 WARMUP_INTERVAL = 0.5  # until the first heartbeat crosses: readiness should not wait long
+# After the target refused a heartbeat, the next ones wait this long: a broker that refuses
+# by disconnecting (AWS IoT Core on a topic its policy denies) would otherwise drop a
+# traffic connection every interval.
+REFUSED_PAUSE = 60.0
 STAGES = (
     "sent",
     "published",
@@ -226,6 +230,7 @@ class Heartbeat(Service):
         self._carried = 0
         self._crossed_at: float | None = None  # send time of the newest heartbeat read back
         self._refusing = False
+        self._paused_until = 0.0
         self.latency: float | None = None
         self.counts: Counter[str] = Counter(dict.fromkeys(STAGES, 0))
         self.latency_counts = [0] * (len(LATENCY_BUCKETS) + 1)
@@ -297,6 +302,10 @@ class Heartbeat(Service):
         if beat.stage >= Stage.TAKEN:
             self.counts["duplicate"] += 1  # redelivered: one copy proves as much
             return False
+        if self._loop.time() < self._paused_until:
+            self.counts["skipped"] += 1
+            beat.problem = "was not forwarded: the target refused the heartbeat before it"
+            return False
         if self._carried >= MAX_CARRIED:
             self.counts["skipped"] += 1
             beat.problem = (
@@ -321,6 +330,7 @@ class Heartbeat(Service):
             return
         reason = outcome.dead_letter_reason(POISON_DROPS)[0]
         self.counts["refused"] += 1
+        self._paused_until = self._loop.time() + REFUSED_PAUSE
         if beat is not None:
             beat.problem = (
                 f"was refused by the target ({reason}): point heartbeat.target_topic at a "

@@ -156,7 +156,7 @@ class Bridge:
         dead-lettered; outside the flow bound (heartbeat.MAX_CARRIED bounds it)."""
         heartbeat = self.heartbeat
         assert heartbeat is not None
-        pending = acks.admit(msg.packet_id, msg.qos, 0, INTERNAL)
+        pending = acks.admit_internal(msg.packet_id, msg.qos)
         if not heartbeat.take(msg.payload):
             pending.finish()
             return True

@@ -52,19 +52,22 @@ class SourceLink(Link):
         self.flow = flow
         self.subscribed = False
         self.last_received = 0.0
-        self.received = 0
+        self._received = 0  # admitted on earlier connections
         self._handler = handler
         self._stats = stats
         self._conn: Connection | None = None
         self._acks: AckQueue | None = None
 
     def stats(self) -> LinkStats:
-        return LinkStats(self.index, self.subscribed, self.reconnects, received=self.received)
+        received = self._received + (self._acks.admitted if self._acks is not None else 0)
+        return LinkStats(self.index, self.subscribed, self.reconnects, received=received)
 
     # ---- link hooks ----------------------------------------------------------------
 
     def _on_new(self, conn: Connection) -> None:
         # Messages of a resumed session may arrive right after CONNACK, before SUBACK.
+        if self._acks is not None:
+            self._received += self._acks.admitted
         self._conn, self._acks = conn, AckQueue(self.flow, conn, self._stats)
 
     async def _on_connect(self, conn: Connection) -> None:
@@ -108,9 +111,7 @@ class SourceLink(Link):
         if conn is not self._conn or acks is None:
             return True
         self.last_received = conn.last_rx
-        taken = self._handler(acks, msg)
-        self.received += taken  # a held message is offered again: count it once
-        return taken
+        return self._handler(acks, msg)
 
     def on_puback(self, conn: Connection, packet_id: int, reason_code: int) -> None:
         """The source side never publishes."""
