@@ -99,6 +99,8 @@ def diagnose(
         return "the heartbeat publisher is not connected to the source broker"
     if not reader_up:
         return f"the heartbeat reader is not subscribed to {topics.target!r} on the target"
+    if not beats:
+        return "no heartbeat has been sent yet"
     last_read = max((i for i, b in enumerate(beats) if b.stage is Stage.READ), default=-1)
     missing = beats[last_read + 1 :]
     if not missing:

@@ -163,15 +163,19 @@ class Link:
             self._dialed, self.endpoint = self.failover.dial()
             conn = self._factory(self.options, self)
             started = loop.time()
+            reached = False  # the broker answered CONNACK: it is up, whatever comes next
             try:
                 self._on_new(conn)
                 await conn.connect(self.endpoint, self.connect_timeout)
+                self.failover.connected(self._dialed)
+                reached = True
                 await self._on_connect(conn)
             except ConnectionFailed as exc:
                 conn.abort()
                 delay = backoff.next_delay()
-                move = self.failover.failed(self._dialed, started, loop.time())
-                if move is not None:
+                if reached:
+                    self.failover.lost(self._dialed)
+                elif move := self.failover.failed(self._dialed, started, loop.time()):
                     log_move(self._log, move)
                 if self.failover.active != self._dialed:
                     backoff.reset()  # the side moved: a new endpoint starts with a short delay
@@ -183,7 +187,6 @@ class Link:
                 )
                 await self._sleep(delay)
                 continue
-            self.failover.connected(self._dialed)
             self._live = conn
             try:
                 await conn.wait_closed()

@@ -43,11 +43,13 @@ class SourceLink(Link):
         stats: Stats,
         factory: ConnectionFactory = MqttConnection,
         failover: Failover | None = None,
+        optional: frozenset[str] = frozenset(),
     ) -> None:
         super().__init__(
             index, endpoint, options, connect_timeout, connect_interval, factory, failover
         )
         self.subscriptions = subscriptions
+        self.optional = optional  # filters whose refusal does not fail the connection
         self.per_subscribe = per_subscribe or len(subscriptions)
         self.flow = flow
         self.subscribed = False
@@ -90,11 +92,16 @@ class SourceLink(Link):
             codes = await conn.subscribe(batch, retain_as_published=True)
             if len(codes) != len(batch):
                 raise ConnectionFailed("SUBACK does not answer every filter")
-            refused += [
-                f"{topic} ({reason_name(code)})"
-                for (topic, _), code in zip(batch, codes, strict=True)
-                if code >= 0x80
-            ]
+            for (topic, _), code in zip(batch, codes, strict=True):
+                if code < 0x80:
+                    continue
+                if topic in self.optional:
+                    # The heartbeat's: readiness says so; traffic must not stop for it.
+                    self._log.error(
+                        "source.subscription_refused", filter=topic, reason=reason_name(code)
+                    )
+                else:
+                    refused.append(f"{topic} ({reason_name(code)})")
         if refused:
             raise ConnectionFailed(f"subscription refused: {', '.join(refused)}")
         self.subscribed = True

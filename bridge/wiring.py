@@ -116,6 +116,8 @@ def make_source(
     src = cfg.source
     failover = failover or make_failover("source", src)
     endpoint = failover.endpoints[0]
+    topics = cfg.heartbeat_topics()
+    optional = frozenset(topics[:1] if topics else ())
     links = [
         SourceLink(
             i,
@@ -140,6 +142,7 @@ def make_source(
             stats,
             factory,
             failover,
+            optional,
         )
         for i, subscriptions in enumerate(cfg.source_plan())
     ]

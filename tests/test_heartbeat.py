@@ -8,13 +8,16 @@ keeps its TCP connections open, and only the heartbeat notices.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import time
+from typing import Any
 
 import orjson
 import pytest
 
 from bridge import mqtt_codec as codec
+from bridge.flow import Flow
 from bridge.heartbeat import (
     MAX_CARRIED,
     Beat,
@@ -27,9 +30,11 @@ from bridge.heartbeat import (
 )
 from bridge.mqtt import Endpoint, SessionOptions
 from bridge.outcome import DELIVERED, Outcome
+from bridge.source import SourceLink
+from bridge.stats import Stats
 from tests.conftest import Rig
 from tests.fakes import FakeTarget
-from tests.harness import Collector, check, wait_until
+from tests.harness import Collector, Mosquitto, Worker, bridge_config, check, wait_until
 from tests.harness import Publisher as Client
 from tests.test_links import FakeConnection
 
@@ -65,6 +70,7 @@ def test_the_diagnosis_names_a_missing_connection_first() -> None:
     assert "publisher is not connected to the source" in diagnose(beats, 1, False, True, TOPICS)
     assert "reader is not subscribed to 'hb/w-0'" in diagnose(beats, 1, True, False, TOPICS)
     assert "no heartbeat was sent" in diagnose([Beat(1, 0.0, Stage.READ)], 1, True, True, TOPICS)
+    assert "no heartbeat has been sent yet" in diagnose([], 1, True, True, TOPICS)
 
 
 # ---- the bookkeeping, in-process -------------------------------------------------------
@@ -239,3 +245,75 @@ def test_a_refused_heartbeat_is_named_not_dead_lettered_and_traffic_flows(rig: R
     assert m["received"] == m["acknowledged"] == 100
     assert m["connection_published{connection=0}"] == 100
     assert log.count('"event":"heartbeat.refused"') == 1
+
+
+def test_a_source_acl_that_denies_the_heartbeat_stops_readiness_not_traffic(rig: Rig) -> None:
+    acl = rig.tmp / "acl"
+    acl.write_text("topic deny mqtt-bridge/heartbeat/#\ntopic readwrite #\n")
+    with Mosquitto(rig.tmp, "strict-source", extra=f"acl_file {acl}") as source:
+        cfg = bridge_config(
+            source.url,
+            rig.target.url,
+            [{"source": f"{rig.prefix}/#", "target": "out/{1}"}],
+            heartbeat={"interval": 0.5, "stale_after": 2},
+        )
+        worker = Worker(rig.tmp, cfg)
+        rig.workers.append(worker.start(wait_ready=False))
+        wait_until(
+            lambda: worker.readyz()[1].get("source_subscribed"), 15, what="subscribed at the source"
+        )
+        with Collector(rig.target.url, "out/#") as collector, Client(source.url) as pub:
+            pub.publish_numbered([f"{rig.prefix}/a"], 100)
+            pub.wait_acked()
+            collector.wait_for(100, 30)
+            report = check(pub.acked(), collector.messages, lambda t: "out/" + t.split("/", 1)[1])
+        wait_until(
+            lambda: "source broker" in worker.readyz()[1]["heartbeat"].get("problem", ""),
+            15,
+            what="/readyz naming the source broker",
+        )
+        status, state = worker.readyz()
+    assert report.lost == 0, report
+    assert status == 503
+    assert "source broker" in state["heartbeat"]["problem"], state
+
+
+@pytest.mark.parametrize("optional", [True, False])
+async def test_a_refused_heartbeat_subscription_does_not_fail_the_source_connection(
+    optional: bool,
+) -> None:
+    """AWS IoT Core refuses a SUBSCRIBE its policy denies (SUBACK 0x87): for the
+    heartbeat's filter that must cost readiness, not the traffic's subscriptions."""
+    heartbeat = "mqtt-bridge/heartbeat/btd/btd-0"
+    made: list[FakeConnection] = []
+
+    class Refusing(FakeConnection):
+        async def subscribe(
+            self, filters: list[tuple[str, int]], retain_as_published: bool, timeout: float = 10
+        ) -> list[int]:
+            self.subscribed.append(filters)
+            return [0x87 if f == heartbeat else 1 for f, _ in filters]
+
+    def factory(options: SessionOptions, listener: Any) -> FakeConnection:
+        made.append(Refusing(options, listener))
+        return made[-1]
+
+    options = SessionOptions("btd-0-src", codec.PROTOCOL_5, clean_start=False)
+    link = SourceLink(
+        0, Endpoint("iot", 8883), options, [("$share/btd/cmd/+/set", 1), (heartbeat, 0)], None,
+        0.0, Flow(10, 1 << 20), lambda acks, msg: True, 1.0, Stats(["r"]), factory=factory,
+        optional=frozenset({heartbeat} if optional else ()),
+    )  # fmt: skip
+    runner = asyncio.create_task(link.run())
+    try:
+        for _ in range(100):
+            if link.subscribed or len(made) > 1:
+                break
+            await asyncio.sleep(0.01)
+        assert link.subscribed is optional
+        assert (len(made) == 1) is optional  # refused for real: the connection is retried
+    finally:
+        link.stop_taking()
+        runner.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await runner
