@@ -105,7 +105,9 @@ class Bridge:
         source_fo, target_fo = self.failovers
         self.source = make_source(cfg, self.flow, self._handle, self.stats, failover=source_fo)
         self.target: Target = make_target(cfg, self._on_done, failover=target_fo)
-        self.heartbeat = make_heartbeat(cfg, source_fo, target_fo)
+        self.heartbeat = make_heartbeat(
+            cfg, source_fo, target_fo, lambda: self.source.subscribed, lambda: self.target.ready
+        )
         self._heartbeat_topic = self.heartbeat.topics.source if self.heartbeat else None
         self.watchdog = Watchdog()
         self._stack = contextlib.AsyncExitStack()

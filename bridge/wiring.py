@@ -4,6 +4,7 @@ side. Each derivation exists once; the worker (``pipeline``) and ``replay`` both
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 from bridge import mqtt_codec as codec
@@ -158,10 +159,12 @@ def make_heartbeat(
     cfg: BridgeConfig,
     source: Failover,
     target: Failover,
+    source_up: Callable[[], bool],
+    target_up: Callable[[], bool],
     factory: ConnectionFactory = MqttConnection,
 ) -> Heartbeat | None:
     """The heartbeat of ``cfg`` (None when disabled): a publisher on the source and a reader
-    on the target, each following its side's failover."""
+    on the target, each following its side's failover and starting once that side is up."""
     topics = cfg.heartbeat_topics()
     if topics is None:
         return None
@@ -195,6 +198,8 @@ def make_heartbeat(
     heartbeat.attach(
         Publisher(heartbeat, *link_args("source", source)),
         Reader(heartbeat, *link_args("target", target)),
+        source_up,
+        target_up,
     )
     return heartbeat
 

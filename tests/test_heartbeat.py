@@ -81,7 +81,7 @@ def _heartbeat(stale_after: float = 5.0) -> tuple[Heartbeat, FakeConnection]:
     options = SessionOptions("w-0-src-hb", codec.PROTOCOL_5, clean_start=True)
     publisher = Publisher(hb, Endpoint("source", 1), options, 1.0, 0.0, FakeConnection, None)
     reader = Reader(hb, Endpoint("target", 1), options, 1.0, 0.0, FakeConnection, None)
-    hb.attach(publisher, reader)
+    hb.attach(publisher, reader, lambda: True, lambda: True)
     conn = FakeConnection(options, publisher)
     publisher.conn = reader.conn = conn  # type: ignore[assignment]
     return hb, conn
