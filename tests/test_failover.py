@@ -366,7 +366,9 @@ def test_primary_target_stopped_traffic_moves_to_the_secondary_and_back(rig: Rig
             assert _moves(worker, "target", "failback") == 0
             assert _active(worker, "target") == 1
             primary.start()  # same port and persistence: the backend's session is back
-            wait_until(lambda: _moves(worker, "target", "failback") == 1, 60, what="failback")
+            with _stopwatch() as elapsed:
+                wait_until(lambda: _moves(worker, "target", "failback") == 1, 60, what="failback")
+                print(f"failback: {elapsed()} s after the primary came back (failback_after 3 s)")
             m = worker.metrics()
             assert m["failback_probes{result=ok,side=target}"] >= 2  # proven, then moved
             assert _active(worker, "target") == 0
