@@ -481,9 +481,13 @@ class BridgeConfig(BaseSettings):
                     f"{topics[0]!r}: move heartbeat.topic out of the routes' way "
                     "(or set heartbeat.enabled: false)"
                 )
-        problem = self.target.limits.topic_limits().violation(topics[1].encode(), 0)
-        if problem is not None:
-            raise ValueError(f"heartbeat.target_topic: {problem}")
+        for key, broker, topic in (
+            ("topic", self.source, topics[0]),
+            ("target_topic", self.target, topics[1]),
+        ):
+            problem = broker.limits.topic_limits().violation(topic.encode(), 0)
+            if problem is not None:
+                raise ValueError(f"heartbeat.{key}: {problem}")
         return self
 
     @model_validator(mode="after")

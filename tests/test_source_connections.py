@@ -111,6 +111,10 @@ def test_heartbeat_topics_follow_the_templates_and_the_brokers() -> None:
             "heartbeat.target_topic: topic_too_deep: 3 slashes > 2",
         ),
         (
+            {"source__limits": {"max_topic_bytes": 10}},
+            "heartbeat.topic: topic_too_long",
+        ),
+        (
             {
                 "target__url": "mqtt://127.0.0.1:1883",
                 "heartbeat": {"target_topic": "mqtt-bridge/heartbeat/{direction}/{instance_id}"},
