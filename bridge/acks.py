@@ -17,6 +17,10 @@ from typing import Protocol
 from bridge.flow import Flow
 from bridge.stats import Stats
 
+# The route index of the bridge's own messages (heartbeats): they keep their place in line
+# for the source acknowledgement, but are neither counted as traffic nor held in the flow.
+INTERNAL = -1
+
 
 class Acknowledger(Protocol):
     """The source connection, as far as acknowledgements go."""
@@ -57,6 +61,7 @@ class AckQueue:
         self._queue: deque[Pending] = deque()
         self.conn: Acknowledger | None = conn
         self._stats = stats
+        self.admitted = 0  # traffic this connection took (per-connection metrics)
         # Bound once: every Pending of this connection carries the same callback.
         self.complete_one: Callable[[Pending], None] = self.complete
 
@@ -65,13 +70,23 @@ class AckQueue:
 
     def admit(self, packet_id: int, qos: int, size: int, route: int, now: float = 0.0) -> Pending:
         """A new message in line behind the ones already here."""
+        self.admitted += 1
         pending = Pending(packet_id, qos, size, route, self.complete_one, admitted_at=now)
+        self._queue.append(pending)
+        return pending
+
+    def admit_internal(self, packet_id: int, qos: int) -> Pending:
+        """The bridge's own message (a heartbeat): in line, but not counted as traffic."""
+        pending = Pending(packet_id, qos, 0, INTERNAL, self.complete_one)
         self._queue.append(pending)
         return pending
 
     def oldest(self) -> float | None:
         """When the oldest message still waiting for its acknowledgement was admitted."""
-        return self._queue[0].admitted_at if self._queue else None
+        for pending in self._queue:
+            if pending.route != INTERNAL:
+                return pending.admitted_at
+        return None
 
     def complete(self, pending: Pending) -> None:
         pending.holds -= 1
@@ -87,6 +102,10 @@ class AckQueue:
         finished = stats.finished
         while queue and queue[0].done:
             head = queue.popleft()
+            if head.route == INTERNAL:
+                if head.qos and conn is not None:
+                    conn.puback(head.packet_id)
+                continue
             finished[head.route] += 1
             if conn is None:
                 stats.abandoned += 1

@@ -7,6 +7,7 @@ YAML file. Secrets are never inline: ``password_file`` names a file that is read
 from __future__ import annotations
 
 import os
+import re
 import ssl
 from collections.abc import Mapping
 from pathlib import Path
@@ -32,6 +33,7 @@ from bridge.errors import ConfigError
 from bridge.limits import AWS_CLIENT_ID_MAX, AWS_IOT_LIMITS, AWS_KEEPALIVE_RANGE, TopicLimits
 from bridge.loader import ENV_ORIGIN, read_yaml, unknown_variables, variable_for, variables_inside
 from bridge.routing import (
+    ONE,
     TopicFilter,
     TopicTemplate,
     filter_pattern,
@@ -42,6 +44,7 @@ from bridge.routing import (
 from bridge.tls import client_context
 
 HOP_MARKER = "mqtt-bridge-hop"
+_PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
 
 
@@ -59,6 +62,39 @@ def _readable(path: Path) -> Path:
 
 
 ReadableFile = Annotated[Path, AfterValidator(_readable)]
+
+
+def _broker_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("mqtt", "mqtts"):
+        raise ValueError(f"scheme must be mqtt:// or mqtts://, got {value!r}")
+    if not parts.hostname:
+        raise ValueError(f"no host in {value!r}")
+    try:
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError:
+        raise ValueError(f"bad port in {value!r}") from None
+    if parts.password:
+        raise ValueError("no password in the URL: use password_file")
+    if parts.path not in ("", "/"):
+        raise ValueError(f"unexpected path {parts.path!r} in the URL")
+    return value
+
+
+BrokerUrl = Annotated[str, AfterValidator(_broker_url)]
+
+
+def url_host(url: str) -> str:
+    return urlsplit(url).hostname or ""
+
+
+def url_port(url: str) -> int:
+    parts = urlsplit(url)
+    return parts.port or (8883 if parts.scheme == "mqtts" else 1883)
+
+
+def url_address(url: str) -> str:
+    return f"{url_host(url).lower()}:{url_port(url)}"
 
 
 class TlsConfig(Section):
@@ -114,6 +150,10 @@ class BrokerConfig(Section):
     connect_timeout: Annotated[float, Field(gt=0)] = 10.0
     tls: TlsConfig | None = None
     limits: LimitsConfig = LimitsConfig()
+    # Disaster recovery: where to go when `url` cannot be reached (failover.py has the rules).
+    failover_urls: list[BrokerUrl] = []
+    failover_after: Annotated[float, Field(gt=0)] = 10.0
+    failback_after: Annotated[float, Field(gt=0)] | None = 60.0
 
     @model_validator(mode="before")
     @classmethod
@@ -133,20 +173,7 @@ class BrokerConfig(Section):
     @field_validator("url")
     @classmethod
     def _check_url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("mqtt", "mqtts"):
-            raise ValueError(f"scheme must be mqtt:// or mqtts://, got {value!r}")
-        if not parts.hostname:
-            raise ValueError(f"no host in {value!r}")
-        try:
-            parts.port  # noqa: B018 - raises on a bad port
-        except ValueError:
-            raise ValueError(f"bad port in {value!r}") from None
-        if parts.password:
-            raise ValueError("no password in the URL: use password_file")
-        if parts.path not in ("", "/"):
-            raise ValueError(f"unexpected path {parts.path!r} in the URL")
-        return value
+        return _broker_url(value)
 
     @model_validator(mode="after")
     def _check(self) -> BrokerConfig:
@@ -157,6 +184,16 @@ class BrokerConfig(Section):
         if self.tls is not None and not self.is_tls:
             # Never a silent plaintext connection when TLS settings were given.
             raise ValueError("tls is set but the url is mqtt://: use mqtts://")
+        scheme = urlsplit(self.url).scheme
+        for i, other in enumerate(self.failover_urls):
+            if urlsplit(other).scheme != scheme:
+                raise ValueError(
+                    f"failover_urls[{i}]: {other!r} must use {scheme}:// like url "
+                    "(one tls section serves every url)"
+                )
+        addresses = self.addresses
+        if len(set(addresses)) != len(addresses):
+            raise ValueError("failover_urls: each url must name a different host:port")
         if self.profile == "aws-iot":
             low, high = AWS_KEEPALIVE_RANGE
             if not self.is_tls:
@@ -180,12 +217,11 @@ class BrokerConfig(Section):
 
     @property
     def host(self) -> str:
-        return urlsplit(self.url).hostname or ""
+        return url_host(self.url)
 
     @property
     def port(self) -> int:
-        parts = urlsplit(self.url)
-        return parts.port or (8883 if parts.scheme == "mqtts" else 1883)
+        return url_port(self.url)
 
     @property
     def is_tls(self) -> bool:
@@ -193,7 +229,29 @@ class BrokerConfig(Section):
 
     @property
     def address(self) -> str:
-        return f"{self.host.lower()}:{self.port}"
+        return url_address(self.url)
+
+    @property
+    def urls(self) -> list[str]:
+        """``url`` first, then the failover urls, in the order they are tried."""
+        return [self.url, *self.failover_urls]
+
+    @property
+    def addresses(self) -> list[str]:
+        return [url_address(url) for url in self.urls]
+
+    def server_name_of(self, url: str) -> str:
+        """SNI and the verified name for one of ``urls``: tls.server_name, else its host."""
+        return (self.tls.server_name if self.tls else None) or url_host(url)
+
+    def client_id_base(self, default: str) -> str:
+        return self.client_id or default
+
+
+class SourceConfig(BrokerConfig):
+    # Connections that each join the same share groups: a broker that caps every
+    # connection (AWS IoT Core: 100 publishes/s) serves one worker N times as fast.
+    connections: Annotated[int, Field(ge=1, le=100)] = 1
 
 
 class TargetConfig(BrokerConfig):
@@ -335,6 +393,48 @@ class RouteConfig(Section):
         return self.source
 
 
+_HEARTBEAT_FIELDS = ("direction", "instance_id")
+
+
+def _heartbeat_template(value: str) -> str:
+    names = _PLACEHOLDER.findall(value)
+    for name in names:
+        if name not in _HEARTBEAT_FIELDS:
+            raise ValueError(
+                f"unknown placeholder {{{name}}}: use {{direction}} or {{instance_id}}"
+            )
+    literal = _PLACEHOLDER.sub("", value)
+    if not value or "+" in literal or "#" in literal or "{" in literal or "}" in literal:
+        raise ValueError(f"{value!r} is not a topic (no wildcards, balanced braces)")
+    if value.startswith("$"):
+        raise ValueError(f"{value!r}: topics starting with '$' are reserved")
+    return value
+
+
+class HeartbeatConfig(Section):
+    """The end-to-end heartbeat (heartbeat.py): readiness that means "messages flow"."""
+
+    enabled: bool = True
+    interval: Annotated[float, Field(gt=0)] = 5.0
+    stale_after: Annotated[float, Field(gt=0)] = 20.0
+    # Published on the source broker; {direction} and {instance_id} are filled in.
+    topic: Annotated[str, AfterValidator(_heartbeat_template)] = (
+        "mqtt-bridge/heartbeat/{direction}/{instance_id}"
+    )
+    # Where it crosses to on the target: a topic the target's policy lets the bridge
+    # publish and subscribe to. Default: `topic` (`topic`/crossed when both are one broker).
+    target_topic: Annotated[str, AfterValidator(_heartbeat_template)] | None = None
+
+    @model_validator(mode="after")
+    def _stale_after_interval(self) -> HeartbeatConfig:
+        if self.stale_after <= self.interval:
+            raise ValueError(
+                f"stale_after ({self.stale_after:g} s) must be longer than interval "
+                f"({self.interval:g} s)"
+            )
+        return self
+
+
 class FlowConfig(Section):
     max_inflight: Annotated[int, Field(ge=1, le=65535)] = 1000
     max_inflight_bytes: Annotated[int, Field(ge=1024)] = 64 * 1024 * 1024
@@ -432,9 +532,10 @@ class BridgeConfig(BaseSettings):
 
     instance_id: str = Field(default_factory=lambda: os.environ.get("HOSTNAME", ""))
     direction: Literal["dtb", "btd"]
-    source: BrokerConfig
+    source: SourceConfig
     target: TargetConfig
     routes: Annotated[list[RouteConfig], Field(min_length=1)]
+    heartbeat: HeartbeatConfig = HeartbeatConfig()
     flow: FlowConfig = FlowConfig()
     shutdown: ShutdownConfig = ShutdownConfig()
     membership: MembershipConfig = MembershipConfig()
@@ -467,8 +568,14 @@ class BridgeConfig(BaseSettings):
 
     @model_validator(mode="after")
     def _no_loop_on_one_broker(self) -> BridgeConfig:
-        if self.source.address == self.target.address:
+        if set(self.source.addresses) & set(self.target.addresses):
             problems = loop_problems(self, self, "")
+            topics = self.heartbeat_topics()
+            if topics is not None and topics[0] == topics[1]:
+                problems.append(
+                    f"heartbeat.target_topic: {topics[1]!r} is heartbeat.topic on the same "
+                    "broker: the reader would see heartbeats that never crossed the bridge"
+                )
             if problems:
                 raise ValueError("; ".join(problems))
         return self
@@ -503,10 +610,54 @@ class BridgeConfig(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _heartbeat_fits(self) -> BridgeConfig:
+        topics = self.heartbeat_topics()
+        if topics is None:
+            return self
+        # Every worker's heartbeat topic, whatever its instance_id: a route that can take
+        # them would carry other workers' heartbeats as traffic.
+        pattern = tuple(
+            ONE if "\x00" in level else level
+            for level in self._heartbeat_topic(self.heartbeat.topic, "\x00").split("/")
+        )
+        for i, route in enumerate(self.routes):
+            if patterns_overlap(filter_pattern(TopicFilter.parse(route.source)), pattern):
+                raise ValueError(
+                    f"routes[{i}].source: {route.source!r} also matches the heartbeat topic "
+                    f"{topics[0]!r}: move heartbeat.topic out of the routes' way "
+                    "(or set heartbeat.enabled: false)"
+                )
+        for key, broker, topic in (
+            ("topic", self.source, topics[0]),
+            ("target_topic", self.target, topics[1]),
+        ):
+            problem = broker.limits.topic_limits().violation(topic.encode(), 0)
+            if problem is not None:
+                raise ValueError(f"heartbeat.{key}: {problem}")
+        return self
+
+    @model_validator(mode="after")
+    def _connections_share(self) -> BridgeConfig:
+        if self.source.connections > 1 and not any(r.share_group for r in self.routes):
+            raise ValueError(
+                f"source.connections: {self.source.connections} connections need a route with "
+                "a share_group (a plain subscription on each would take every message N times)"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _client_ids_fit(self) -> BridgeConfig:
         for side, ids in (
             ("source", [self.source_client_id(i) for i in range(self.source_connections)]),
             ("target", [self.target_client_id(i) for i in range(self.target.connections)]),
+            (
+                "source",
+                [self.side_client_id("source", "hb"), self.side_client_id("source", "probe")],
+            ),
+            (
+                "target",
+                [self.side_client_id("target", "hb"), self.side_client_id("target", "probe")],
+            ),
         ):
             broker: BrokerConfig = getattr(self, side)
             if broker.profile != "aws-iot":
@@ -523,19 +674,58 @@ class BridgeConfig(BaseSettings):
     # checks above and the wiring that opens the connections must agree.
 
     def source_plan(self) -> list[list[tuple[str, int]]]:
-        """The subscriptions of each source connection (one unless the broker caps them)."""
-        return plan_subscriptions(
-            [(r.subscription, r.qos) for r in self.routes],
-            self.source.limits.subscriptions_per_connection,
-        )
+        """The subscriptions of each source connection.
+
+        One connection, unless the broker caps subscriptions per connection; then
+        ``source.connections - 1`` more sets that subscribe the share groups again. Plain
+        subscriptions (and the heartbeat's) stay on the first set: on two connections they
+        would take every message twice.
+        """
+        cap = self.source.limits.subscriptions_per_connection
+        subscriptions: list[tuple[str, int]] = [(r.subscription, r.qos) for r in self.routes]
+        topics = self.heartbeat_topics()
+        if topics is not None:
+            # QoS 0: a stopped worker's session does not collect heartbeats.
+            subscriptions.append((topics[0], 0))
+        plan = plan_subscriptions(subscriptions, cap)
+        shared: list[tuple[str, int]] = [
+            (r.subscription, r.qos) for r in self.routes if r.share_group
+        ]
+        for _ in range(1, self.source.connections):
+            plan += plan_subscriptions(shared, cap)
+        return plan
 
     @property
     def source_connections(self) -> int:
         return len(self.source_plan())
 
     def source_client_id(self, index: int = 0) -> str:
-        base = self.source.client_id or f"{self.instance_id}-src"
+        base = self.source.client_id_base(f"{self.instance_id}-src")
         return base if index == 0 else f"{base}-{index}"
+
+    def side_client_id(self, side: Literal["source", "target"], role: str) -> str:
+        """The heartbeat's (``hb``) and the failback probe's (``probe``) client id on a side."""
+        if side == "source":
+            return f"{self.source.client_id_base(f'{self.instance_id}-src')}-{role}"
+        return f"{self.target.client_id_base(f'{self.instance_id}-tgt')}-{role}"
+
+    def _heartbeat_topic(self, template: str, instance_id: str | None = None) -> str:
+        return template.replace("{direction}", self.direction).replace(
+            "{instance_id}", self.instance_id if instance_id is None else instance_id
+        )
+
+    def heartbeat_topics(self) -> tuple[str, str] | None:
+        """(topic on the source, topic on the target) of this worker's heartbeat, if on."""
+        hb = self.heartbeat
+        if not hb.enabled:
+            return None
+        topic = self._heartbeat_topic(hb.topic)
+        if hb.target_topic:
+            return topic, self._heartbeat_topic(hb.target_topic)
+        if set(self.source.addresses) & set(self.target.addresses):
+            # One broker on both sides: the reader must not see the original publish.
+            return topic, f"{topic}/crossed"
+        return topic, topic
 
     def target_client_id(self, index: int, tag: str = "tgt") -> str:
         """``tag`` keeps other tools' connections (replay) apart from the worker's."""
@@ -568,14 +758,20 @@ class BridgeConfig(BaseSettings):
 def loop_problems(a: BridgeConfig, b: BridgeConfig, b_name: str) -> list[str]:
     """Routes of ``a`` whose target topics can match a source filter of ``b``."""
     problems = []
+    produced: list[tuple[str, str, tuple[str, ...]]] = []
     for i, route in enumerate(a.routes):
         src = TopicFilter.parse(route.source)
-        produced = template_pattern(TopicTemplate.parse(route.target, src), src)
+        pattern = template_pattern(TopicTemplate.parse(route.target, src), src)
+        produced.append((f"routes[{i}].target", route.target, pattern))
+    topics = a.heartbeat_topics()
+    if topics is not None:
+        produced.append(("heartbeat.target_topic", topics[1], tuple(topics[1].split("/"))))
+    for where_a, text, pattern in produced:
         for j, other in enumerate(b.routes):
-            if patterns_overlap(produced, filter_pattern(TopicFilter.parse(other.source))):
+            if patterns_overlap(pattern, filter_pattern(TopicFilter.parse(other.source))):
                 where = f"{b_name} " if b_name else ""
                 problems.append(
-                    f"routes[{i}].target: {route.target!r} can match {where}routes[{j}].source "
+                    f"{where_a}: {text!r} can match {where}routes[{j}].source "
                     f"{other.source!r} on the same broker: messages would loop"
                 )
     return problems
@@ -652,6 +848,7 @@ def cross_check(configs: dict[str, BridgeConfig]) -> list[str]:
             a, b = configs[a_name], configs[b_name]
             if a_name == b_name:
                 continue
-            if a.target.address == b.source.address or a.direction != b.direction:
+            same_broker = set(a.target.addresses) & set(b.source.addresses)
+            if same_broker or a.direction != b.direction:
                 problems += [f"{a_name}: {p}" for p in loop_problems(a, b, b_name)]
     return problems

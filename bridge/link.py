@@ -11,6 +11,7 @@ a link runs in-process against a fake connection in the tests.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import random
 import time
@@ -21,6 +22,7 @@ from typing import Protocol
 import structlog
 
 from bridge.errors import ConnectionFailed
+from bridge.failover import FAILBACK, Failover, Move, log_move
 from bridge.mqtt import Endpoint, Listener, SessionOptions
 from bridge.mqtt_codec import SESSION_TAKEN_OVER, Properties, Publish
 
@@ -95,6 +97,7 @@ class LinkStats:
     disconnects: dict[str, int] = field(default_factory=dict)
     sessions_lost: int = 0  # source: reconnects that found no session
     oldest: float | None = None  # source: loop time the oldest unacknowledged message came
+    received: int = 0  # source: messages this connection took
 
 
 class ConnectPacer:
@@ -134,7 +137,8 @@ class Link:
 
     Subclasses set ``side`` and implement ``_on_connect`` (awaited after a successful
     CONNACK; raising ConnectionFailed counts as a failed connect) and the
-    ``mqtt.Listener`` callbacks.
+    ``mqtt.Listener`` callbacks. Which endpoint to dial is the ``failover`` policy's
+    choice (shared by the links of one side); without one, ``endpoint`` is the only one.
     """
 
     side = "link"
@@ -147,6 +151,7 @@ class Link:
         connect_timeout: float,
         connect_interval: float,
         factory: ConnectionFactory,
+        failover: Failover | None = None,
     ) -> None:
         self.index = index
         self.endpoint = endpoint
@@ -159,6 +164,12 @@ class Link:
         self._stopping = False
         self._useful = False  # the current connection did work (see STABLE_AFTER)
         self._log = structlog.get_logger().bind(side=self.side, connection=index)
+        self.failover = failover or Failover(self.side, [endpoint])
+        self.failover.on_move(self._moved)
+        self._dialed = 0  # the failover index of the endpoint of the current connection
+        self._live: Connection | None = None
+        self._leaving: set[asyncio.Task[None]] = set()
+        self._redial = asyncio.Event()
 
     async def run(self) -> None:
         backoff = Backoff()
@@ -166,23 +177,42 @@ class Link:
         short_lived = 0
         while not self._stopping:
             await self._pacer.wait()
+            self._dialed, self.endpoint = self.failover.dial()
             conn = self._factory(self.options, self)
             self._useful = False
+            started = loop.time()
+            reached = False  # the broker answered CONNACK: it is up, whatever comes next
             try:
                 self._on_new(conn)
                 await conn.connect(self.endpoint, self.connect_timeout)
+                self.failover.connected(self._dialed)
+                reached = True
                 await self._on_connect(conn)
             except ConnectionFailed as exc:
                 conn.abort()
                 self.last_error = str(exc)
                 delay = backoff.next_delay()
+                if reached:
+                    self.failover.lost(self._dialed)
+                elif move := self.failover.failed(self._dialed, started, loop.time()):
+                    log_move(self._log, move)
+                if self.failover.active != self._dialed:
+                    backoff.reset()  # the side moved: a new endpoint starts with a short delay
+                    delay = backoff.next_delay()
+                else:
+                    delay = self.failover.retry_delay(delay, loop.time())
                 self._log.warning(
                     f"{self.side}.connect_failed", error=str(exc), retry_in=round(delay, 2)
                 )
-                await asyncio.sleep(delay)
+                await self._sleep(delay)
                 continue
             up_since = loop.time()
-            await conn.wait_closed()
+            self._live = conn
+            try:
+                await conn.wait_closed()
+            finally:
+                self._live = None
+                self.failover.lost(self._dialed)
             stable = self._useful or loop.time() - up_since >= STABLE_AFTER
             taken_over = conn.disconnect_reason == SESSION_TAKEN_OVER
             if taken_over:
@@ -206,7 +236,27 @@ class Link:
             if stable and not taken_over:
                 # A takeover keeps growing the delay: two owners must not ping-pong.
                 backoff.reset()
-            await asyncio.sleep(backoff.next_delay())
+            await self._sleep(backoff.next_delay())
+
+    async def _sleep(self, delay: float) -> None:
+        """Back off, unless the side moves meanwhile: then dial the new endpoint at once."""
+        self._redial.clear()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(delay):
+                await self._redial.wait()
+
+    def _moved(self, move: Move) -> None:
+        self._redial.set()
+        conn = self._live
+        if move.reason != FAILBACK or conn is None or self._stopping:
+            return  # a failover never drops a live connection: it is healthy
+        if self._dialed == self.failover.active:
+            return
+        # Back to the primary, proven by probes: leave gracefully; what was in flight is
+        # republished on the next connection.
+        task = asyncio.get_running_loop().create_task(conn.disconnect())
+        self._leaving.add(task)
+        task.add_done_callback(self._leaving.discard)
 
     # ---- mqtt.Listener: what every side answers --------------------------------------
 

@@ -31,6 +31,7 @@ from bridge import __version__
 from bridge import mqtt_codec as codec
 from bridge.config import BridgeConfig
 from bridge.errors import ConnectionFailed
+from bridge.failover import Failover
 from bridge.link import Connection, ConnectionFactory, Link
 from bridge.mqtt import Endpoint, MqttConnection, SessionOptions
 from bridge.mqtt_codec import Publish
@@ -104,8 +105,9 @@ class RegistryLink(Link):
         subscription: str,
         on_record: Callable[[str, bytes, bool], None],
         factory: ConnectionFactory,
+        failover: Failover | None = None,
     ) -> None:
-        super().__init__(0, endpoint, options, connect_timeout, 0.0, factory)
+        super().__init__(0, endpoint, options, connect_timeout, 0.0, factory, failover)
         self.conn: Connection | None = None
         self.ready = asyncio.Event()
         self._subscription = subscription
@@ -183,6 +185,7 @@ class Registry(Service):
         adopt: Adopt,
         on_fatal: Callable[[str], None],
         factory: ConnectionFactory = MqttConnection,
+        failover: Failover | None = None,
     ) -> None:
         super().__init__()
         self.settings = settings
@@ -203,6 +206,7 @@ class Registry(Service):
             f"{settings.root}/{settings.direction}/+",
             self._on_record,
             factory,
+            failover,
         )
 
     # ---- records ---------------------------------------------------------------------

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -45,6 +45,8 @@ class Probe:
     # (route label, percent) of the routes with a cohort, as the last reload left them.
     cohorts: Callable[[], list[tuple[str, float]]] = list
     clock: Callable[[], float] = time.monotonic  # the clock of Pending and Stats times
+    # Families of other concepts (heartbeat, failover), each given the direction label.
+    extra: Sequence[Callable[[str], Iterable[Metric]]] = ()
 
 
 class BridgeCollector(Collector):
@@ -123,7 +125,7 @@ class BridgeCollector(Collector):
             (
                 "ready",
                 int(p.ready()),
-                "1 when subscribed at the source and connected to the target.",
+                "1 when /readyz is 200: subscribed, connected, and the heartbeat crosses.",
             ),
             (
                 "event_loop_lag_seconds",
@@ -156,6 +158,8 @@ class BridgeCollector(Collector):
         if p.archive is not None:
             yield from self._archive(d, p.archive)
         yield from self._membership(d)
+        for more in p.extra:
+            yield from more(d)
         info = GaugeMetricFamily(
             "mqtt_bridge_build_info",
             "Always 1. instance_id is the worker's own name (in Kubernetes `instance` is the "
@@ -203,10 +207,16 @@ class BridgeCollector(Collector):
             "Source reconnects that found no session: the broker dropped what it held for us.",
             labels=["direction", "connection"],
         )
+        received = CounterMetricFamily(
+            "mqtt_bridge_connection_received",
+            "Messages a source connection took (source.connections share a group's traffic).",
+            labels=["direction", "connection"],
+        )
         for link in p.sources():
             state.add_metric([d, "source", str(link.index)], int(link.up))
             lost.add_metric([d, str(link.index)], link.sessions_lost)
             reconnects.add_metric([d, "source", str(link.index)], link.reconnects)
+            received.add_metric([d, str(link.index)], link.received)
         published = CounterMetricFamily(
             "mqtt_bridge_connection_published",
             "Messages a target connection got acknowledged.",
@@ -244,7 +254,17 @@ class BridgeCollector(Collector):
                 throttled.add_metric([d, i, reason], target.throttled.get(reason, 0))
             for reason in dict.fromkeys([*self.disconnect_reasons, *target.disconnects]):
                 disconnects.add_metric([d, i, reason], target.disconnects.get(reason, 0))
-        yield from (state, reconnects, published, window, rate, throttled, disconnects, lost)
+        yield from (
+            state,
+            reconnects,
+            received,
+            published,
+            window,
+            rate,
+            throttled,
+            disconnects,
+            lost,
+        )
 
     def _membership(self, d: str) -> Iterator[Metric]:
         released = GaugeMetricFamily(

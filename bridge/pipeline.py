@@ -21,11 +21,12 @@ import structlog
 
 from bridge import archive as archive_format
 from bridge import mqtt_codec as codec
-from bridge.acks import AckQueue, Pending
+from bridge.acks import INTERNAL, AckQueue, Pending
 from bridge.archive import ARCHIVE, S3Archive
 from bridge.cohort import CohortGate
 from bridge.config import HOP_MARKER, BridgeConfig
 from bridge.deadletter import ArchiveDeadLetters, DeadLetterSink, LogDeadLetters
+from bridge.failover import failover_metrics
 from bridge.flow import Flow, WhenFull
 from bridge.http import HttpServer, probe_handlers
 from bridge.message import Envelope
@@ -42,6 +43,9 @@ from bridge.watchdog import Watchdog
 from bridge.wiring import (
     make_adopter,
     make_archive,
+    make_failback,
+    make_failover,
+    make_heartbeat,
     make_members,
     make_source,
     make_target,
@@ -123,9 +127,14 @@ class Bridge:
         self._marker = (HOP_MARKER, cfg.instance_id)
         self._marker_only = codec.encode_properties({codec.USER_PROPERTY: [self._marker]})
         self._loop = asyncio.get_running_loop()
+        # One endpoint policy per side, shared by its links and the heartbeat's link there.
+        self.failovers = (make_failover("source", cfg.source), make_failover("target", cfg.target))
+        source_fo, target_fo = self.failovers
         self.failed: str | None = None  # why the worker stopped itself (exit 2)
         self._fatal = asyncio.Event()
-        self.registry = make_members(cfg, self._adopt, self._fail) if worker else None
+        self.registry = (
+            make_members(cfg, self._adopt, self._fail, failover=source_fo) if worker else None
+        )
         # Member records live on the source broker: a route that could match them must
         # not forward them (cost: one prefix test per message, only for such routes).
         root = f"{cfg.membership.topic_root}/"
@@ -135,8 +144,20 @@ class Bridge:
             and any(r.filter.matches(root + "x/y") for r in self.routes)
             else None
         )
-        self.source = make_source(cfg, self.flow, self._handle, self.stats, self.registry)
-        self.target: Target = make_target(cfg, self._on_done, "tgt" if worker else "adopt")
+        self.source = make_source(
+            cfg, self.flow, self._handle, self.stats, self.registry, failover=source_fo
+        )
+        self.target: Target = make_target(
+            cfg, self._on_done, "tgt" if worker else "adopt", failover=target_fo
+        )
+        self.heartbeat = (
+            make_heartbeat(
+                cfg, source_fo, target_fo, lambda: self.source.subscribed, lambda: self.target.ready
+            )
+            if worker
+            else None
+        )
+        self._heartbeat_topic = self.heartbeat.topics.source if self.heartbeat else None
         self.releaser = Releaser(
             [
                 Releasable(route.label, r.subscription, r.release_when_target_down)
@@ -153,6 +174,13 @@ class Bridge:
     # ---- hot path ------------------------------------------------------------------
 
     def _handle(self, acks: AckQueue, msg: Publish) -> bool:
+        if msg.topic == self._heartbeat_topic:
+            return self._carry_heartbeat(acks, msg)
+        internal = self._internal_prefix
+        if internal is not None and msg.topic.startswith(internal):
+            # A member record a route could match: not traffic, outside the flow bound.
+            acks.admit_internal(msg.packet_id, msg.qos).finish()
+            return True
         size = len(msg.payload)
         if not self.flow.try_admit(size):
             if self.flow.when_full(msg.qos) is WhenFull.DROP:
@@ -160,10 +188,6 @@ class Bridge:
                 self.stats.dropped[(route[0].index if route else 0, "full")] += 1
                 return True
             return False  # held by the connection, which stops reading
-        internal = self._internal_prefix
-        if internal is not None and msg.topic.startswith(internal):
-            acks.admit(msg.packet_id, msg.qos, size, 0).finish()  # not traffic: not counted
-            return True
         found = self._match(msg.topic)
         route_index = found[0].index if found else 0
         now = self._loop.time()
@@ -193,6 +217,22 @@ class Bridge:
                 archive.add(ARCHIVE, self._record(env), pending.finish)
             else:
                 archive.add(ARCHIVE, self._record(env), None)
+        self.target.submit(env)
+        return True
+
+    def _carry_heartbeat(self, acks: AckQueue, msg: Publish) -> bool:
+        """The heartbeat's own route: in line for the source ack, never counted, archived or
+        dead-lettered; outside the flow bound (heartbeat.MAX_CARRIED bounds it)."""
+        heartbeat = self.heartbeat
+        assert heartbeat is not None
+        pending = acks.admit_internal(msg.packet_id, msg.qos)
+        if not heartbeat.take(msg.payload):
+            pending.finish()
+            return True
+        env = self._envelope(
+            msg, pending, heartbeat.topics.target, None, 1, None, self._loop.time()
+        )
+        env.qos = 1  # subscribed at QoS 0; crosses at QoS 1 to prove the target's PUBACK
         self.target.submit(env)
         return True
 
@@ -252,6 +292,10 @@ class Bridge:
 
     def _on_done(self, env: Envelope, outcome: Outcome) -> None:
         pending = env.pending
+        if pending.route == INTERNAL and self.heartbeat is not None:
+            self.heartbeat.forwarded(env.payload, outcome)
+            pending.finish()
+            return
         if outcome is DELIVERED:
             now = self._loop.time()
             self.stats.published[pending.route] += 1
@@ -279,15 +323,20 @@ class Bridge:
 
     @property
     def ready(self) -> bool:
-        return self.source.subscribed and self.target.ready
+        heartbeat = self.heartbeat
+        crossing = heartbeat is None or heartbeat.fresh
+        return self.source.subscribed and self.target.ready and crossing
 
     def readiness(self) -> dict[str, Any]:
         """What /readyz answers: ready, and the facts it is made of."""
-        return {
+        state = {
             "ready": self.ready,
             "source_subscribed": self.source.subscribed,
             "target_connected": [c.up for c in self.target.connections()],
         }
+        if self.heartbeat is not None:
+            state["heartbeat"] = self.heartbeat.state()
+        return state
 
     async def __aenter__(self) -> Bridge:
         await self._stack.__aenter__()
@@ -308,6 +357,10 @@ class Bridge:
                 adoptions=self._adoptions,
                 cohorts=lambda: [(r.label, r.gate.cohort.percent) for r in self.routes if r.gate],
                 clock=self._loop.time,
+                extra=[
+                    lambda d: failover_metrics(d, self.failovers),
+                    *([self.heartbeat.metrics] if self.heartbeat else []),
+                ],
             )
             handlers = probe_handlers(
                 make_registry(probe, self._target_v5),
@@ -324,6 +377,10 @@ class Bridge:
         await self._stack.enter_async_context(self.target)
         if self.worker:
             await self._stack.enter_async_context(self.source)
+            for failover in self.failovers:
+                await self._stack.enter_async_context(make_failback(self.cfg, failover))
+            if self.heartbeat is not None:
+                await self._stack.enter_async_context(self.heartbeat)
             await self._stack.enter_async_context(self.releaser)
         return self
 
@@ -350,6 +407,8 @@ class Bridge:
         drained = False
         try:
             async with asyncio.timeout(cfg.deadline):
+                if self.heartbeat is not None:
+                    await self.heartbeat.close()  # our own messages stop first
                 # A worker that stops itself (a duplicate instance_id) leaves the session
                 # alone: it belongs to the other worker as much as to us.
                 await self.source.begin_leave("keep" if self.failed else cfg.session)
@@ -425,7 +484,9 @@ class Bridge:
 
     async def _adopt(self, client_id: str) -> bool:
         """Drain and end the session a gone worker left (``membership.Registry``)."""
-        link = make_adopter(self.cfg, client_id, self.flow, self._handle, self.stats)
+        link = make_adopter(
+            self.cfg, client_id, self.flow, self._handle, self.stats, failover=self.failovers[0]
+        )
         done = await link.adopt(
             self.cfg.shutdown.quiet,
             self.cfg.membership.adopt_timeout,

@@ -14,6 +14,7 @@ from dataclasses import replace
 
 from bridge.acks import AckQueue
 from bridge.errors import ConnectionFailed
+from bridge.failover import Failover
 from bridge.flow import Flow
 from bridge.leave import LinkExit, LinkLeave, SessionMode, plan_exit, plan_leave
 from bridge.link import Connection, ConnectionFactory, Link, LinkStats
@@ -44,9 +45,14 @@ class SourceLink(Link):
         connect_timeout: float,
         stats: Stats,
         factory: ConnectionFactory = MqttConnection,
+        failover: Failover | None = None,
+        optional: frozenset[str] = frozenset(),
     ) -> None:
-        super().__init__(index, endpoint, options, connect_timeout, connect_interval, factory)
+        super().__init__(
+            index, endpoint, options, connect_timeout, connect_interval, factory, failover
+        )
         self.subscriptions = subscriptions
+        self.optional = optional  # filters whose refusal does not fail the connection
         self.per_subscribe = per_subscribe or len(subscriptions)
         self.flow = flow
         self.subscribed = False
@@ -54,6 +60,7 @@ class SourceLink(Link):
         self.released: set[str] = set()  # given up while the target is down (release.py)
         self.sessions_lost = 0  # reconnects that found no session: its backlog is gone
         self._had_session = False
+        self._received = 0  # admitted on earlier connections
         self._handler = handler
         self._stats = stats
         self._conn: Connection | None = None
@@ -65,12 +72,14 @@ class SourceLink(Link):
         self._detached = [queue for queue in self._detached if len(queue)]
         queues = [*self._detached, *([self._acks] if self._acks is not None else [])]
         times = [t for t in (queue.oldest() for queue in queues) if t is not None]
+        received = self._received + (self._acks.admitted if self._acks is not None else 0)
         return LinkStats(
             self.index,
             self.subscribed,
             self.reconnects,
             sessions_lost=self.sessions_lost,
             oldest=min(times) if times else None,
+            received=received,
         )
 
     # ---- link hooks ----------------------------------------------------------------
@@ -79,6 +88,8 @@ class SourceLink(Link):
         # Messages of a resumed session may arrive right after CONNACK, before SUBACK.
         if self._acks is not None and len(self._acks):
             self._detached.append(self._acks)
+        if self._acks is not None:
+            self._received += self._acks.admitted
         self._conn, self._acks = conn, AckQueue(self.flow, conn, self._stats)
 
     async def _on_connect(self, conn: Connection) -> None:
@@ -115,11 +126,16 @@ class SourceLink(Link):
             codes = await conn.subscribe(batch, retain_as_published=True)
             if len(codes) != len(batch):
                 raise ConnectionFailed("SUBACK does not answer every filter")
-            refused += [
-                f"{topic} ({reason_name(code)})"
-                for (topic, _), code in zip(batch, codes, strict=True)
-                if code >= 0x80
-            ]
+            for (topic, _), code in zip(batch, codes, strict=True):
+                if code < 0x80:
+                    continue
+                if topic in self.optional:
+                    # The heartbeat's: readiness says so; traffic must not stop for it.
+                    self._log.error(
+                        "source.subscription_refused", filter=topic, reason=reason_name(code)
+                    )
+                else:
+                    refused.append(f"{topic} ({reason_name(code)})")
         if refused:
             raise ConnectionFailed(f"subscription refused: {', '.join(refused)}")
         self.subscribed = True
@@ -209,6 +225,13 @@ class SourceLink(Link):
     @property
     def filters(self) -> list[str]:
         return [topic for topic, _ in self.subscriptions]
+
+    def leave_plan(self, mode: SessionMode) -> LinkLeave:
+        """``leave.plan_leave`` over the traffic subscriptions; the bridge's own (the
+        heartbeat's) decide nothing and are always given up."""
+        plan = plan_leave(mode, [f for f in self.filters if f not in self.optional])
+        own = tuple(f for f in self.filters if f in self.optional)
+        return replace(plan, unsubscribe=plan.unsubscribe + own)
 
     def log_leave(self, action: str, why: str) -> None:
         self._log.info("source.leave", client_id=self.options.client_id, session=action, why=why)
@@ -308,7 +331,7 @@ class Source(Service):
     async def begin_leave(self, mode: SessionMode) -> None:
         """Stop taking: no reconnects; give up what others can take (``leave.plan_leave``).
         A session that stays stops reading at once: its unread messages wait in it."""
-        self._plans = [plan_leave(mode, link.filters) for link in self.links]
+        self._plans = [link.leave_plan(mode) for link in self.links]
         for link in self.links:
             link.stop_taking()
         await asyncio.gather(
@@ -331,7 +354,7 @@ class Source(Service):
 
     def exits(self, drained: bool, v5: bool) -> list[LinkExit]:
         """How each link ends (``leave.plan_exit``); a leave that never began keeps all."""
-        plans = self._plans or [plan_leave("keep", link.filters) for link in self.links]
+        plans = self._plans or [link.leave_plan("keep") for link in self.links]
         return [plan_exit(plan, drained, v5) for plan in plans]
 
     async def close(self, exits: list[LinkExit]) -> None:

@@ -22,7 +22,9 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from bridge import mqtt_codec as codec
+from bridge.acks import INTERNAL
 from bridge.errors import PacketTooLarge
+from bridge.failover import Failover
 from bridge.link import Connection, ConnectionFactory, Link, LinkStats
 from bridge.message import Envelope
 from bridge.mqtt import Endpoint, MqttConnection, SessionOptions
@@ -83,9 +85,10 @@ class TargetLink(Link):
         on_done: OnDone,
         factory: ConnectionFactory = MqttConnection,
         canary: tuple[bytes, codec.Properties | None] | None = None,
+        failover: Failover | None = None,
     ) -> None:
         super().__init__(
-            index, endpoint, options, connect_timeout, pacing.connect_interval, factory
+            index, endpoint, options, connect_timeout, pacing.connect_interval, factory, failover
         )
         # (topic, properties) of the canary publish that proves a connection before a
         # suspect message is blamed for breaking it (policy.on_connection_lost).
@@ -269,7 +272,7 @@ class TargetLink(Link):
                 window=self.pacer.window,
             )
         else:
-            if outcome is DELIVERED:
+            if outcome is DELIVERED and env.route != INTERNAL:  # heartbeats are not traffic
                 self.published += 1
             self.pacer.recover(now)
             self._on_done(env, outcome)

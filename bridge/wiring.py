@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable
+from typing import Literal
 
 from bridge import mqtt_codec as codec
 from bridge.archive import ArchiveSettings, S3Archive
-from bridge.config import HOP_MARKER, BridgeConfig, BrokerConfig
+from bridge.config import HOP_MARKER, BridgeConfig, BrokerConfig, url_host, url_port
+from bridge.failover import Failback, Failover
 from bridge.flow import Flow
+from bridge.heartbeat import Heartbeat, Publisher, Reader, Topics
 from bridge.link import ConnectionFactory
 from bridge.membership import Adopt, Registry, settings_of
 from bridge.mqtt import Endpoint, MqttConnection, SessionOptions
@@ -24,8 +27,42 @@ def protocol_level(broker: BrokerConfig) -> int:
     return codec.PROTOCOL_5 if broker.protocol == "5" else codec.PROTOCOL_311
 
 
+def endpoints_of(broker: BrokerConfig) -> list[Endpoint]:
+    """``url`` and then ``failover_urls``; every one with the section's TLS settings."""
+    context = broker.ssl_context()
+    return [
+        Endpoint(url_host(url), url_port(url), context, broker.server_name_of(url))
+        for url in broker.urls
+    ]
+
+
 def endpoint_of(broker: BrokerConfig) -> Endpoint:
-    return Endpoint(broker.host, broker.port, broker.ssl_context(), broker.server_name)
+    """The primary endpoint (``url``): for one-shot tools that do not fail over."""
+    return endpoints_of(broker)[0]
+
+
+def make_failover(side: Literal["source", "target"], broker: BrokerConfig) -> Failover:
+    """The endpoint policy one side's links share (one endpoint without failover_urls)."""
+    return Failover(side, endpoints_of(broker), broker.failover_after, broker.failback_after)
+
+
+def make_failback(
+    cfg: BridgeConfig,
+    failover: Failover,
+    factory: ConnectionFactory = MqttConnection,
+) -> Failback:
+    """Probes the primary of ``failover``'s side under a client id of its own."""
+    side: Literal["source", "target"] = "source" if failover.side == "source" else "target"
+    broker: BrokerConfig = cfg.source if side == "source" else cfg.target
+    options = SessionOptions(
+        client_id=cfg.side_client_id(side, "probe"),
+        protocol=protocol_level(broker),
+        clean_start=True,  # leaves no session behind
+        keepalive=broker.keepalive,
+        username=broker.username,
+        password=password_of(broker),
+    )
+    return Failback(failover, options, broker.connect_timeout, factory)
 
 
 def password_of(broker: BrokerConfig) -> bytes | None:
@@ -45,10 +82,12 @@ def make_target(
     on_done: OnDone,
     client_tag: str = "tgt",
     factory: ConnectionFactory = MqttConnection,
+    failover: Failover | None = None,
 ) -> TargetPool:
     """The target connections of ``cfg``: paced, windowed, one client id each."""
     tgt = cfg.target
-    endpoint = endpoint_of(tgt)
+    failover = failover or make_failover("target", tgt)
+    endpoint = failover.endpoints[0]
     limits = tgt.limits
     pacing = Pacing(limits.publish_rate, limits.bytes_rate, limits.burst, limits.connect_interval)
     return TargetPool(
@@ -73,6 +112,7 @@ def make_target(
                 on_done=on_done,
                 factory=factory,
                 canary=probe_of(cfg),
+                failover=failover,
             )
             for i in range(tgt.connections)
         ]
@@ -103,10 +143,15 @@ def make_source(
     stats: Stats,
     registry: Registry | None = None,
     factory: ConnectionFactory = MqttConnection,
+    failover: Failover | None = None,
 ) -> Source:
-    """The source connections of ``cfg``: persistent sessions, one per subscription batch."""
+    """The source connections of ``cfg``: persistent sessions, one per subscription batch
+    (``source.connections`` sets of them)."""
     src = cfg.source
-    endpoint = endpoint_of(src)
+    failover = failover or make_failover("source", src)
+    endpoint = failover.endpoints[0]
+    topics = cfg.heartbeat_topics()
+    optional = frozenset(topics[:1] if topics else ())
     links = [
         SourceLink(
             i,
@@ -120,10 +165,66 @@ def make_source(
             src.connect_timeout,
             stats,
             factory,
+            failover,
+            optional,
         )
         for i, subscriptions in enumerate(cfg.source_plan())
     ]
     return Source(links, flow)
+
+
+# What a heartbeat link is built from: endpoint, options, connect timeout and interval,
+# connection factory, and the side's failover.
+_LinkArgs = tuple[Endpoint, SessionOptions, float, float, ConnectionFactory, Failover]
+
+
+def make_heartbeat(
+    cfg: BridgeConfig,
+    source: Failover,
+    target: Failover,
+    source_up: Callable[[], bool],
+    target_up: Callable[[], bool],
+    factory: ConnectionFactory = MqttConnection,
+) -> Heartbeat | None:
+    """The heartbeat of ``cfg`` (None when disabled): a publisher on the source and a reader
+    on the target, each following its side's failover and starting once that side is up."""
+    topics = cfg.heartbeat_topics()
+    if topics is None:
+        return None
+    heartbeat = Heartbeat(
+        Topics(*topics),
+        cfg.heartbeat.interval,
+        cfg.heartbeat.stale_after,
+        cfg.direction,
+        cfg.instance_id,
+    )
+
+    def link_args(side: Literal["source", "target"], failover: Failover) -> _LinkArgs:
+        broker: BrokerConfig = cfg.source if side == "source" else cfg.target
+        options = SessionOptions(
+            client_id=cfg.side_client_id(side, "hb"),
+            protocol=protocol_level(broker),
+            clean_start=True,  # only live heartbeats matter
+            keepalive=broker.keepalive,
+            username=broker.username,
+            password=password_of(broker),
+        )
+        return (
+            failover.endpoints[0],
+            options,
+            broker.connect_timeout,
+            broker.limits.connect_interval,
+            factory,
+            failover,
+        )
+
+    heartbeat.attach(
+        Publisher(heartbeat, *link_args("source", source)),
+        Reader(heartbeat, *link_args("target", target)),
+        source_up,
+        target_up,
+    )
+    return heartbeat
 
 
 def make_archive(
@@ -166,6 +267,7 @@ def make_adopter(
     handler: Handler,
     stats: Stats,
     factory: ConnectionFactory = MqttConnection,
+    failover: Failover | None = None,
 ) -> SourceLink:
     """A one-shot source link that drains the session ``client_id`` left behind."""
     src = cfg.source
@@ -182,6 +284,7 @@ def make_adopter(
         src.connect_timeout,
         stats,
         factory,
+        failover=failover,
     )
 
 
@@ -190,6 +293,7 @@ def make_members(
     adopt: Adopt,
     on_fatal: Callable[[str], None],
     factory: ConnectionFactory = MqttConnection,
+    failover: Failover | None = None,
 ) -> Registry | None:
     """The member registry on the source broker, unless ``membership.enabled`` is off."""
     if not cfg.membership.enabled:
@@ -214,4 +318,5 @@ def make_members(
         adopt,
         on_fatal,
         factory,
+        failover,
     )

@@ -63,7 +63,11 @@ Decision = int | tuple[str, int]  # a PUBACK reason code, or ("disconnect", reas
 
 @dataclass
 class FakeTarget:
-    """An MQTT 5 server that acknowledges each PUBLISH with ``decide(n, topic, payload)``."""
+    """An MQTT 5 server that acknowledges each PUBLISH with ``decide(n, topic, payload)``.
+
+    It grants every SUBSCRIBE at QoS 0 and delivers an accepted PUBLISH to the
+    connections subscribed to exactly its topic (no wildcards): enough for a reader.
+    """
 
     decide: Callable[[int, str, bytes], Decision] = lambda n, topic, payload: 0
     receive_maximum: int = 100
@@ -76,6 +80,7 @@ class FakeTarget:
         self._runner = _LoopThread()
         self._published = 0
         self._writers: list[asyncio.StreamWriter] = []
+        self._subscribers: dict[str, list[asyncio.StreamWriter]] = defaultdict(list)
 
     def __enter__(self) -> FakeTarget:
         self._runner.start()
@@ -117,6 +122,9 @@ class FakeTarget:
         except ConnectionError:
             pass
         finally:
+            for readers in self._subscribers.values():
+                if writer in readers:
+                    readers.remove(writer)
             writer.close()
 
     @staticmethod
@@ -150,8 +158,26 @@ class FakeTarget:
             self.answers.append(decision)
             if decision < 0x80:
                 self.accepted.append((msg.topic, msg.payload))
+                for reader in self._subscribers.get(msg.topic, []):
+                    reader.write(
+                        codec.encode_publish(
+                            msg.topic.encode(), msg.payload, 0, False, 0, codec.PROTOCOL_5
+                        )
+                    )
             if msg.qos:
                 writer.write(b"\x40\x03" + struct.pack("!H", msg.packet_id) + bytes((decision,)))
+        elif kind == codec.SUBSCRIBE:
+            (packet_id,) = struct.unpack_from("!H", body)
+            length, pos = codec.decode_varint(body, 2) or (0, 2)
+            pos += length  # properties
+            codes = b""
+            while pos < len(body):
+                (size,) = struct.unpack_from("!H", body, pos)
+                self._subscribers[body[pos + 2 : pos + 2 + size].decode()].append(writer)
+                pos += 2 + size + 1  # the filter, then its options byte
+                codes += b"\x00"
+            payload = struct.pack("!H", packet_id) + b"\x00" + codes
+            writer.write(bytes((0x90,)) + codec.encode_varint(len(payload)) + payload)
         elif kind == codec.PINGREQ:
             writer.write(b"\xd0\x00")
         elif kind == codec.DISCONNECT:

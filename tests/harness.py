@@ -204,6 +204,11 @@ class Worker:
     def ready(self) -> bool:
         return self._get("/readyz")[0] == 200
 
+    def readyz(self) -> tuple[int, dict[str, Any]]:
+        """/readyz: the status and the facts behind it."""
+        status, body = self._get("/readyz")
+        return status, json.loads(body) if body else {}
+
     def metrics(self) -> dict[str, float]:
         """Samples keyed by name plus sorted labels other than direction, e.g.
         'dropped{reason=loop,route=r}'; the bare name holds the sum over labels."""

@@ -13,6 +13,10 @@ from tests.conftest import Rig
 from tests.fakes import CountingProxy, FakeTarget, max_in_window
 from tests.harness import Collector, Mosquitto, Publisher, Worker, bridge_config, check, wait_until
 
+# The fake target routes nothing back, so a heartbeat could never cross it; and its
+# scripted answers count every PUBLISH.
+NO_HEARTBEAT = {"enabled": False}
+
 
 def test_four_paced_connections_never_exceed_their_rate_and_keep_topic_order(rig: Rig) -> None:
     rate, burst = 100, 0.1
@@ -25,6 +29,7 @@ def test_four_paced_connections_never_exceed_their_rate_and_keep_topic_order(rig
                 "connections": 4,
                 "limits": {"publish_rate": rate, "burst": burst, "inflight": 100},
             },
+            heartbeat={"enabled": False},  # the proxy counts every PUBLISH: traffic only
         )
         rig.workers.append(Worker(rig.tmp, cfg).start())
         topics = [f"{rig.prefix}/dev{i}" for i in range(16)]
@@ -104,6 +109,7 @@ def test_quota_exceeded_slows_the_connection_and_retries(rig: Rig) -> None:
             fake.url,
             [{"source": f"{rig.prefix}/#"}],
             target={"limits": {"publish_rate": 400, "burst": 0.1}},
+            heartbeat=NO_HEARTBEAT,
         )
         worker = Worker(rig.tmp, cfg)
         rig.workers.append(worker.start())
@@ -133,7 +139,11 @@ def test_disconnect_reasons_alarm_and_reconnect(rig: Rig, reason: int, event: st
 
     with FakeTarget(decide, receive_maximum=64) as fake:
         cfg = bridge_config(
-            rig.source.url, fake.url, [{"source": f"{rig.prefix}/#"}], instance_id="dtb-3"
+            rig.source.url,
+            fake.url,
+            [{"source": f"{rig.prefix}/#"}],
+            instance_id="dtb-3",
+            heartbeat=NO_HEARTBEAT,
         )
         worker = Worker(rig.tmp, cfg)
         rig.workers.append(worker.start())
@@ -230,7 +240,9 @@ def test_throttling_disconnects_do_not_dead_letter_messages(rig: Rig) -> None:
         return ("disconnect", 0x97) if n < 4 else 0
 
     with FakeTarget(decide) as fake:
-        worker = rig.worker([{"source": f"{rig.prefix}/#"}], target_url=fake.url)
+        worker = rig.worker(
+            [{"source": f"{rig.prefix}/#"}], target_url=fake.url, heartbeat=NO_HEARTBEAT
+        )
         with Publisher(rig.source.url) as pub:
             pub.publish_numbered([f"{rig.prefix}/a"], 20)
             pub.wait_acked()

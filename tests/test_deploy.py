@@ -67,6 +67,11 @@ _COUNTERS = {
     "archive_dropped_total",
     "skipped_total",  # issue 11: copy routes and cohorts
     "reloads_total",
+    # path health and failover (issue 12)
+    "heartbeats_total",
+    "failovers_total",
+    "failback_probes_total",
+    "connection_received_total",
 }
 _GAUGES = {
     "inflight_messages",
@@ -80,8 +85,11 @@ _GAUGES = {
     "build_info",
     "archive_lag_seconds",
     "cohort_percent",
+    "heartbeat_age_seconds",
+    "heartbeat_stale_after_seconds",
+    "endpoint_active",
 }
-_HISTOGRAMS = {"e2e_latency_seconds"}
+_HISTOGRAMS = {"e2e_latency_seconds", "heartbeat_latency_seconds"}
 METRICS = frozenset(
     {f"mqtt_bridge_{name}" for name in _COUNTERS | _GAUGES}
     | {f"mqtt_bridge_{h}_{s}" for h in _HISTOGRAMS for s in ("bucket", "sum", "count")}
@@ -988,6 +996,11 @@ def test_alerts_cover_the_operating_conditions() -> None:
     assert _seconds(saturated["for"]) == 600
     assert re.search(r">\s*300\b", rule_for("archive_lag_seconds")["expr"])
     assert rule_for("archive_failures_total")
+    stale = rule_for("heartbeat_age_seconds")
+    assert "mqtt_bridge_heartbeat_stale_after_seconds" in stale["expr"]
+    assert stale["labels"]["severity"] == "critical"
+    assert rule_for("failovers_total")
+    assert 'index!="0"' in rule_for("endpoint_active")["expr"]
 
 
 def _panels(dashboard: dict[str, Any]) -> Iterator[dict[str, Any]]:
@@ -1034,6 +1047,10 @@ def test_dashboard_panels_query_bridge_metrics() -> None:
         "reconnects_total",
         "ready",
         "archive_lag_seconds",
+        "heartbeat_age_seconds",
+        "heartbeat_latency_seconds_bucket",
+        "endpoint_active",
+        "failovers_total",
     }
     assert {f"mqtt_bridge_{m}" for m in wanted} <= used
     for variable in dashboard["templating"]["list"]:

@@ -21,6 +21,10 @@ CATALOGUE = [
     "connection_rate_limit_messages_per_second", "throttled_total", "disconnects_total",
     "skipped_total", "reloads_total", "cohort_percent", "route_released", "route_releases_total",
     "route_rejoins_total", "adoptions_total", "source_sessions_lost_total",
+    # path health and failover (issue 12)
+    "heartbeat_latency_seconds", "heartbeat_age_seconds", "heartbeat_stale_after_seconds",
+    "heartbeats_total", "endpoint_active", "failovers_total", "failback_probes_total",
+    "connection_received_total",
 ]  # fmt: skip
 
 
@@ -68,6 +72,10 @@ def test_metrics_catalogue_counts_add_up(rig: Rig) -> None:
         assert m[f"e2e_latency_seconds_count{{route={route}}}"] == count
         assert m[f"e2e_latency_seconds_bucket{{le=+Inf,route={route}}}"] == count
     assert m["connection_published{connection=0}"] == 900
+    assert m["connection_received{connection=0}"] == 900
+    # Heartbeats crossed the same connections meanwhile, and none of them was counted above.
+    assert m["heartbeats{stage=received}"] >= 1
+    assert m["heartbeats{stage=forwarded}"] >= 1
     assert m["ready"] == 1
     assert 0 <= m["event_loop_lag_seconds"] < 1
 
