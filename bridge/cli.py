@@ -74,6 +74,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return run_worker(cfg, args.log_format)
+    except ConfigError as exc:  # what only the start can find out (a port in use)
+        for problem in exc.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 

@@ -6,11 +6,11 @@ YAML file. Secrets are never inline: ``password_file`` names a file that is read
 
 from __future__ import annotations
 
+import json
 import os
 import ssl
 from pathlib import Path
-from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -19,16 +19,26 @@ from pydantic import (
     ConfigDict,
     Field,
     PrivateAttr,
-    SecretStr,
+    SecretBytes,
     ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings.exceptions import SettingsError
 
 from bridge.errors import ConfigError
-from bridge.limits import AWS_CLIENT_ID_MAX, AWS_IOT_LIMITS, AWS_KEEPALIVE_RANGE, TopicLimits
+from bridge.limits import (
+    AWS_CLIENT_ID_MAX,
+    AWS_IOT_LIMITS,
+    AWS_KEEPALIVE_RANGE,
+    MQTT_MAX_PACKET,
+    MQTT_MIN_PACKET,
+    TARGET_PACKET_LIMIT,
+    TopicLimits,
+    source_packet_limit,
+)
 from bridge.routing import (
     TopicFilter,
     TopicTemplate,
@@ -38,9 +48,25 @@ from bridge.routing import (
     template_pattern,
 )
 from bridge.tls import client_context
+from bridge.urls import BrokerUrl, check_endpoint_url, check_region, parse_broker_url, redact_url
 
 HOP_MARKER = "mqtt-bridge-hop"
-_FROZEN = ConfigDict(frozen=True, extra="forbid")
+# Infinity and NaN are never a setting: `connect_timeout: .inf` would wait forever.
+_FROZEN = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+# Every duration is finite and bounded (`le=`): every wait in the bridge ends.
+# MQTT strings (client id, user name, password) carry a two-byte length.
+MQTT_STRING_MAX = 65535
+
+
+def _mqtt_string(value: str | None, what: str) -> str | None:
+    if value is None:
+        return None
+    if "\x00" in value:
+        raise ValueError(f"{what} contains a NUL character (MQTT-1.5.4-2)")
+    size = len(value.encode())
+    if size > MQTT_STRING_MAX:
+        raise ValueError(f"{what} is {size} bytes: MQTT allows at most {MQTT_STRING_MAX}")
+    return value
 
 
 class Section(BaseModel):
@@ -59,6 +85,18 @@ def _readable(path: Path) -> Path:
 ReadableFile = Annotated[Path, AfterValidator(_readable)]
 
 
+def _read_password(path: Path) -> bytes:
+    """The password file's bytes, without a trailing newline. MQTT passwords are binary
+    data, so nothing is decoded: an error here could only show a secret byte."""
+    try:
+        secret = path.read_bytes().rstrip(b"\r\n")
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+    if len(secret) > MQTT_STRING_MAX:
+        raise ValueError(f"password_file {path}: longer than MQTT's {MQTT_STRING_MAX} bytes")
+    return secret
+
+
 class TlsConfig(Section):
     ca_file: ReadableFile | None = None  # default: the system's CA bundle
     cert_file: ReadableFile | None = None
@@ -66,6 +104,18 @@ class TlsConfig(Section):
     alpn: list[str] = []  # e.g. ["x-amzn-mqtt-ca"] for X.509 on port 443
     server_name: str | None = None  # SNI and the name verified; default the URL's host
     _context: ssl.SSLContext | None = PrivateAttr(default=None)
+
+    @field_validator("alpn")
+    @classmethod
+    def _check_alpn(cls, value: list[str]) -> list[str]:
+        for name in value:
+            # TLS carries each protocol name with a one-byte length (RFC 7301).
+            if not name or len(name.encode()) > 255 or not name.isascii():
+                raise ValueError(
+                    f"each protocol is 1-255 ASCII characters, got {name[:40]!r}"
+                    + ("…" if len(name) > 40 else "")
+                )
+        return value
 
     @model_validator(mode="after")
     def _build(self) -> TlsConfig:
@@ -83,8 +133,8 @@ class TlsConfig(Section):
 class LimitsConfig(Section):
     """Per-connection limits of one broker; ``profile`` fills them, keys here override."""
 
-    publish_rate: Annotated[float, Field(gt=0)] | None = None
-    bytes_rate: Annotated[float, Field(gt=0)] | None = None
+    publish_rate: Annotated[float, Field(gt=0, le=1e9)] | None = None
+    bytes_rate: Annotated[float, Field(gt=0, le=1e12)] | None = None
     burst: Annotated[float, Field(gt=0, le=1)] = 1.0
     inflight: Annotated[int, Field(ge=1, le=65535)] | None = None
     max_payload: Annotated[int, Field(ge=1)] | None = None
@@ -92,7 +142,7 @@ class LimitsConfig(Section):
     max_topic_slashes: Annotated[int, Field(ge=0)] | None = None
     subscriptions_per_connection: Annotated[int, Field(ge=1)] | None = None
     filters_per_subscribe: Annotated[int, Field(ge=1)] | None = None
-    connect_interval: Annotated[float, Field(ge=0)] = 0.0
+    connect_interval: Annotated[float, Field(ge=0, le=3600)] = 0.0
     max_qos: Literal[0, 1] = 1
 
     def topic_limits(self) -> TopicLimits:
@@ -108,8 +158,11 @@ class BrokerConfig(Section):
     client_id: str | None = None
     username: str | None = None
     password_file: ReadableFile | None = None
-    _password: SecretStr | None = PrivateAttr(default=None)
-    connect_timeout: Annotated[float, Field(gt=0)] = 10.0
+    _password: SecretBytes | None = PrivateAttr(default=None)
+    connect_timeout: Annotated[float, Field(gt=0, le=300)] = 10.0
+    # The largest packet this broker may send us: announced in CONNECT (MQTT 5), and
+    # no read buffers more. None: derived from the limits (BridgeConfig.packet_limit).
+    max_packet_size: Annotated[int, Field(ge=MQTT_MIN_PACKET, le=MQTT_MAX_PACKET)] | None = None
     tls: TlsConfig | None = None
     limits: LimitsConfig = LimitsConfig()
 
@@ -131,25 +184,25 @@ class BrokerConfig(Section):
     @field_validator("url")
     @classmethod
     def _check_url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("mqtt", "mqtts"):
-            raise ValueError(f"scheme must be mqtt:// or mqtts://, got {value!r}")
-        if not parts.hostname:
-            raise ValueError(f"no host in {value!r}")
-        try:
-            parts.port  # noqa: B018 - raises on a bad port
-        except ValueError:
-            raise ValueError(f"bad port in {value!r}") from None
-        if parts.password:
-            raise ValueError("no password in the URL: use password_file")
-        if parts.path not in ("", "/"):
-            raise ValueError(f"unexpected path {parts.path!r} in the URL")
+        parse_broker_url(value)
         return value
+
+    @field_validator("client_id")
+    @classmethod
+    def _check_client_id(cls, value: str | None) -> str | None:
+        if value == "":
+            raise ValueError("empty: omit client_id for the default")
+        return _mqtt_string(value, "the client id")
+
+    @field_validator("username")
+    @classmethod
+    def _check_username(cls, value: str | None) -> str | None:
+        return _mqtt_string(value, "the user name")
 
     @model_validator(mode="after")
     def _check(self) -> BrokerConfig:
         if self.password_file is not None:
-            self._password = SecretStr(self.password_file.read_text().rstrip("\r\n"))
+            self._password = SecretBytes(_read_password(self.password_file))
         if self.password_file is not None and self.username is None and self.protocol == "3.1.1":
             raise ValueError("password_file needs username with MQTT 3.1.1 (MQTT-3.1.2-22)")
         if self.tls is not None and not self.is_tls:
@@ -173,21 +226,24 @@ class BrokerConfig(Section):
         return (self.tls.server_name if self.tls else None) or self.host
 
     @property
-    def password(self) -> SecretStr | None:
+    def password(self) -> SecretBytes | None:
         return self._password
 
     @property
+    def parsed_url(self) -> BrokerUrl:
+        return parse_broker_url(self.url)
+
+    @property
     def host(self) -> str:
-        return urlsplit(self.url).hostname or ""
+        return self.parsed_url.host
 
     @property
     def port(self) -> int:
-        parts = urlsplit(self.url)
-        return parts.port or (8883 if parts.scheme == "mqtts" else 1883)
+        return self.parsed_url.port
 
     @property
     def is_tls(self) -> bool:
-        return urlsplit(self.url).scheme == "mqtts"
+        return self.parsed_url.is_tls
 
     @property
     def address(self) -> str:
@@ -223,7 +279,7 @@ class RouteConfig(Section):
     @field_validator("share_group")
     @classmethod
     def _check_share_group(cls, value: str | None) -> str | None:
-        if value is not None and (not value or any(c in value for c in "/+#")):
+        if value is not None and (not value or any(c in value for c in "/+#\x00")):
             raise ValueError("a share group name is non-empty and has no '/', '+' or '#'")
         return value
 
@@ -252,23 +308,43 @@ class FlowConfig(Section):
 
 
 class ShutdownConfig(Section):
-    deadline: Annotated[float, Field(gt=0)] = 20.0
+    deadline: Annotated[float, Field(gt=0, le=3600)] = 20.0
     # After unsubscribing, the broker still flushes what it queued for our session;
     # the drain ends once nothing is in flight and nothing arrived for this long.
-    quiet: Annotated[float, Field(gt=0)] = 0.5
+    quiet: Annotated[float, Field(gt=0, le=60)] = 0.5
+
+    @model_validator(mode="after")
+    def _quiet_fits(self) -> ShutdownConfig:
+        if self.quiet >= self.deadline:
+            raise ValueError(f"quiet ({self.quiet:g} s) must be shorter than deadline")
+        return self
+
+
+# The container image sets this to 0.0.0.0:9100: a default, which a config file's
+# `http.listen` (even null) overrides, unlike a BRIDGE_HTTP__LISTEN variable.
+DEFAULT_LISTEN_ENV = "MQTT_BRIDGE_DEFAULT_LISTEN"
+
+
+def _default_listen() -> str:
+    return os.environ.get(DEFAULT_LISTEN_ENV) or "127.0.0.1:9100"
 
 
 class HttpConfig(Section):
-    listen: str | None = "127.0.0.1:9100"
+    listen: str | None = Field(default_factory=_default_listen)
 
     @field_validator("listen")
     @classmethod
     def _check_listen(cls, value: str | None) -> str | None:
         if value in (None, ""):
             return None
-        _host, sep, port = value.rpartition(":")
+        host, sep, port = value.rpartition(":")
         if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
             raise ValueError(f"expected HOST:PORT, got {value!r}")
+        bare = host.removeprefix("[").removesuffix("]")
+        if host.startswith("[") != host.endswith("]") or any(
+            c.isspace() or c in "/[]@" or not c.isprintable() for c in bare
+        ):
+            raise ValueError(f"expected HOST:PORT (an address or a name), got {value!r}")
         return value
 
     @property
@@ -285,9 +361,19 @@ class S3Config(Section):
     endpoint_url: str | None = None  # MinIO or any S3-compatible store; default AWS
     region: str | None = None
     mode: Literal["required", "best_effort"] = "best_effort"
-    flush_interval: Annotated[float, Field(gt=0)] = 1.0
+    flush_interval: Annotated[float, Field(gt=0, le=3600)] = 1.0
     max_batch_bytes: Annotated[int, Field(ge=1024)] = 8 * 1024 * 1024
     max_buffer_bytes: Annotated[int, Field(ge=1024)] = 256 * 1024 * 1024
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _check_endpoint(cls, value: str | None) -> str | None:
+        return None if value is None else check_endpoint_url(value)
+
+    @field_validator("region")
+    @classmethod
+    def _check_region(cls, value: str | None) -> str | None:
+        return None if value is None else check_region(value)
 
     @field_validator("prefix")
     @classmethod
@@ -303,7 +389,7 @@ class BackupConfig(Section):
 class LogConfig(Section):
     format: Literal["json", "console"] = "json"
     level: Literal["debug", "info", "warning", "error"] = "info"
-    stats_interval: Annotated[float, Field(gt=0)] = 10.0
+    stats_interval: Annotated[float, Field(gt=0, le=86400)] = 10.0
 
 
 class BridgeConfig(BaseSettings):
@@ -312,6 +398,7 @@ class BridgeConfig(BaseSettings):
         env_nested_delimiter="__",
         frozen=True,
         extra="forbid",
+        allow_inf_nan=False,
     )
 
     instance_id: str = Field(default_factory=lambda: os.environ.get("HOSTNAME", ""))
@@ -342,6 +429,8 @@ class BridgeConfig(BaseSettings):
     def _check_instance_id(cls, value: str) -> str:
         if not value:
             raise ValueError("not set, and $HOSTNAME is empty: set instance_id")
+        if "\x00" in value:
+            raise ValueError("contains a NUL character")
         if any(c in value for c in "/+#") or value.startswith("$"):
             raise ValueError("must not contain '/', '+', '#' or start with '$'")
         if len(value.encode()) > 100:
@@ -397,8 +486,25 @@ class BridgeConfig(BaseSettings):
             return f"{self.target.client_id}-{index}"
         return f"{self.instance_id}-{tag}-{index}"
 
+    def packet_limit(self, side: Literal["source", "target"]) -> int:
+        """The Maximum Packet Size a side's broker may send us (see limits.packet_limit)."""
+        broker: BrokerConfig = getattr(self, side)
+        if broker.max_packet_size is not None:
+            return broker.max_packet_size
+        if side == "target":
+            return TARGET_PACKET_LIMIT
+        return source_packet_limit(self.target.limits.max_payload, self.flow.max_inflight_bytes)
+
     def redacted(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        """The effective configuration as `check` prints and the start log records it."""
+        dumped = self.model_dump(mode="json")
+        # Credentials are refused in every URL; masking them again costs nothing.
+        for side in ("source", "target"):
+            dumped[side]["url"] = redact_url(dumped[side]["url"])
+        s3 = (dumped.get("backup") or {}).get("s3")
+        if s3 and s3.get("endpoint_url"):
+            s3["endpoint_url"] = redact_url(s3["endpoint_url"])
+        return dumped
 
 
 def loop_problems(a: BridgeConfig, b: BridgeConfig, b_name: str) -> list[str]:
@@ -449,22 +555,77 @@ def load_config(path: str | Path) -> BridgeConfig:
     """Read, validate and freeze one configuration file; raise ConfigError on any problem."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        data = path.read_bytes()
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
+    try:
+        raw = yaml.safe_load(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path}: not UTF-8 text (at byte {exc.start})"]) from None
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or "invalid YAML"
-        raise ConfigError([f"{path}:{where}: {problem}"]) from None
+        raise ConfigError([f"{path}: {_yaml_problem(exc)}"]) from None
+    except RecursionError:
+        raise ConfigError([f"{path}: nested too deeply"]) from None
+    except (ValueError, TypeError) as exc:
+        # PyYAML's constructors raise these for values such as the date 2023-13-45.
+        raise ConfigError([f"{path}: {exc} (quote the value if it is meant as text)"]) from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError([f"{path}: the top level must be a mapping of keys"])
+    odd = [key for key in raw if not isinstance(key, str)]
+    if odd:
+        raise ConfigError([f"{path}: key {key!r} is not a name" for key in odd])
     try:
         return BridgeConfig(**raw)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc)) from None
+    except SettingsError:
+        raise ConfigError(_environment_problems()) from None
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    if isinstance(exc, yaml.reader.ReaderError):
+        return f"character #x{exc.character:04x} is not allowed in YAML (at {exc.position})"
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    where = f"line {mark.line + 1}: " if mark is not None else ""
+    problem = getattr(exc, "problem", None) or getattr(exc, "context", None) or "invalid YAML"
+    return f"{where}{problem}"
+
+
+def _environment_problems() -> list[str]:
+    """The BRIDGE_ variables whose value must be JSON (a section or a list) and is not.
+
+    pydantic-settings only says which top-level field failed; the variable is what the
+    operator has to fix. The value itself is never shown: it may be a secret.
+    """
+    problems = []
+    for name, value in sorted(os.environ.items()):
+        if not name.upper().startswith("BRIDGE_") or not _wants_json(name):
+            continue
+        try:
+            json.loads(value)
+        except ValueError:
+            problems.append(f"{name}: not valid JSON (a section or a list is given as JSON)")
+    return problems or ["a BRIDGE_ variable for a section or a list is not valid JSON"]
+
+
+def _wants_json(name: str) -> bool:
+    """Whether pydantic-settings parses ``name``'s value as JSON: it names a section
+    (a model) or a list, following the ``__`` nesting."""
+    model: Any = BridgeConfig
+    annotation: Any = None
+    for part in name[len("BRIDGE_") :].lower().split("__"):
+        fields = getattr(model, "model_fields", None)
+        if fields is None or part not in fields:
+            return False
+        annotation = fields[part].annotation
+        model = next((a for a in (annotation, *get_args(annotation)) if isinstance(a, type)), None)
+    kinds = (annotation, *get_args(annotation))
+    return any(
+        get_origin(a) in (list, dict) or (isinstance(a, type) and issubclass(a, BaseModel))
+        for a in kinds
+    )
 
 
 def cross_check(configs: dict[str, BridgeConfig]) -> list[str]:

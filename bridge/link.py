@@ -14,13 +14,14 @@ import asyncio
 import math
 import random
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import structlog
 
-from bridge.errors import ConnectionFailed
+from bridge.errors import ConnectionFailed, ProtocolViolation
 from bridge.mqtt import Endpoint, Listener, SessionOptions
 from bridge.mqtt_codec import SESSION_TAKEN_OVER, Properties, Publish
 
@@ -33,6 +34,8 @@ class Connection(Protocol):
 
     session_present: bool
     disconnect_reason: int | None
+    max_qos: int  # from the server's CONNACK (MQTT 5), else 1
+    protocol_error: str | None  # why we hung up on a peer that broke the protocol
 
     @property
     def is_open(self) -> bool: ...
@@ -81,6 +84,8 @@ class LinkStats:
     rate_limit: float = 0.0  # 0: unpaced
     throttled: dict[str, int] = field(default_factory=dict)
     disconnects: dict[str, int] = field(default_factory=dict)
+    protocol_errors: dict[str, int] = field(default_factory=dict)
+    problem: str | None = None  # why it is down: readiness shows it
 
 
 class ConnectPacer:
@@ -133,12 +138,21 @@ class Link:
         connect_timeout: float,
         connect_interval: float,
         factory: ConnectionFactory,
+        connect_tries: int | None = None,
     ) -> None:
         self.index = index
         self.endpoint = endpoint
         self.options = options
         self.connect_timeout = connect_timeout
         self.reconnects = 0
+        # Peers that broke the protocol, by what they did (metric label).
+        self.protocol_errors: Counter[str] = Counter()
+        self.problem: str | None = None  # the last connect failure, while down
+        # None: retry for ever (a worker waits for its broker). A number: give up after
+        # that many failed connects in a row (a one-shot tool such as replay).
+        self.connect_tries = connect_tries
+        self.gave_up: ConnectionFailed | None = None
+        self.failed = asyncio.Event()  # set when it gave up
         self._factory = factory
         self._pacer = ConnectPacer(connect_interval)
         self._stopping = False
@@ -146,6 +160,7 @@ class Link:
 
     async def run(self) -> None:
         backoff = Backoff()
+        failures = 0
         while not self._stopping:
             await self._pacer.wait()
             conn = self._factory(self.options, self)
@@ -155,13 +170,24 @@ class Link:
                 await self._on_connect(conn)
             except ConnectionFailed as exc:
                 conn.abort()
+                self.problem = str(exc)
+                if isinstance(exc, ProtocolViolation):
+                    self.protocol_errors[exc.reason] += 1
+                failures += 1
+                if self.connect_tries is not None and failures >= self.connect_tries:
+                    self._give_up(exc, failures)
+                    return
                 delay = backoff.next_delay()
                 self._log.warning(
                     f"{self.side}.connect_failed", error=str(exc), retry_in=round(delay, 2)
                 )
                 await asyncio.sleep(delay)
                 continue
+            failures = 0
+            self.problem = None
             await conn.wait_closed()
+            if conn.protocol_error is not None:
+                self.protocol_errors[conn.protocol_error] += 1
             taken_over = conn.disconnect_reason == SESSION_TAKEN_OVER
             if taken_over:
                 self._log.error(
@@ -175,6 +201,11 @@ class Link:
             if not taken_over:
                 backoff.reset()  # a takeover keeps growing the delay: two owners must not ping-pong
             await asyncio.sleep(backoff.next_delay())
+
+    def _give_up(self, exc: ConnectionFailed, tries: int) -> None:
+        self.gave_up = ConnectionFailed(f"{exc} (gave up after {tries} tries)")
+        self._log.error(f"{self.side}.gave_up", error=str(exc), tries=tries)
+        self.failed.set()
 
     # ---- mqtt.Listener: what every side answers --------------------------------------
 

@@ -134,9 +134,16 @@ class BridgeCollector(Collector):
             "Connections lost and re-established.",
             labels=["direction", "side", "connection"],
         )
+        protocol_errors = CounterMetricFamily(
+            "mqtt_bridge_protocol_errors",
+            "Connections we closed because the broker broke MQTT, by what it did.",
+            labels=["direction", "side", "connection", "reason"],
+        )
         for link in p.sources():
             state.add_metric([d, "source", str(link.index)], int(link.up))
             reconnects.add_metric([d, "source", str(link.index)], link.reconnects)
+            for reason, count in link.protocol_errors.items():
+                protocol_errors.add_metric([d, "source", str(link.index), reason], count)
         published = CounterMetricFamily(
             "mqtt_bridge_connection_published",
             "Messages a target connection got acknowledged.",
@@ -173,7 +180,10 @@ class BridgeCollector(Collector):
                 throttled.add_metric([d, i, reason], count)
             for reason, count in target.disconnects.items():
                 disconnects.add_metric([d, i, reason], count)
+            for reason, count in target.protocol_errors.items():
+                protocol_errors.add_metric([d, "target", i, reason], count)
         yield from (state, reconnects, published, window, rate, throttled, disconnects)
+        yield protocol_errors
 
     @staticmethod
     def _archive(d: str, archive: S3Archive) -> Iterator[Metric]:

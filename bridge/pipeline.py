@@ -25,6 +25,7 @@ from bridge.acks import AckQueue, Pending
 from bridge.archive import ARCHIVE, S3Archive
 from bridge.config import HOP_MARKER, BridgeConfig
 from bridge.deadletter import ArchiveDeadLetters, DeadLetterSink, LogDeadLetters
+from bridge.errors import StartupError
 from bridge.flow import Flow, WhenFull
 from bridge.http import HttpServer, probe_handlers
 from bridge.message import Envelope
@@ -32,7 +33,7 @@ from bridge.metrics import Probe, make_registry
 from bridge.mqtt_codec import Publish
 from bridge.outcome import DELIVERED, EXPIRED, Outcome
 from bridge.policy import POISON_DROPS
-from bridge.routing import TopicFilter, TopicTemplate
+from bridge.routing import TopicFilter, TopicTemplate, topic_name_problem
 from bridge.stats import Stats
 from bridge.target import Target
 from bridge.watchdog import Watchdog
@@ -115,6 +116,14 @@ class Bridge:
         if props is not None and self._has_marker(props):
             self.stats.dropped[(route_index, "loop")] += 1
             pending.finish()
+            return True
+        # Refused by the connection (too large), or a name no target can take.
+        problem = msg.refused or topic_name_problem(
+            msg.topic, props.get(codec.TOPIC_ALIAS) if props else None
+        )
+        if problem is not None:
+            env = self._envelope(msg, pending, msg.topic, None, 0, None)
+            self._dead_letter(env, problem, problem.split(":", 1)[0])
             return True
         if found is None:
             env = self._envelope(msg, pending, msg.topic, None, 0, None)
@@ -215,14 +224,26 @@ class Bridge:
 
     def readiness(self) -> dict[str, Any]:
         """What /readyz answers: ready, and the facts it is made of."""
+        sources, targets = self.source.connections(), self.target.connections()
+        links = [("source", c) for c in sources] + [("target", c) for c in targets]
         return {
             "ready": self.ready,
             "source_subscribed": self.source.subscribed,
-            "target_connected": [c.up for c in self.target.connections()],
+            "target_connected": [c.up for c in targets],
+            # Why a connection is down, in the words of its last failure.
+            "problems": [f"{side} {c.index}: {c.problem}" for side, c in links if c.problem],
         }
 
     async def __aenter__(self) -> Bridge:
         await self._stack.__aenter__()
+        try:
+            await self._enter()
+        except BaseException:
+            await self._stack.aclose()
+            raise
+        return self
+
+    async def _enter(self) -> None:
         await self._stack.enter_async_context(self.watchdog)
         listen = self.cfg.http.host_port
         if listen is not None:
@@ -239,13 +260,17 @@ class Bridge:
             handlers = probe_handlers(
                 make_registry(probe), lambda: self.watchdog.healthy, self.readiness
             )
-            await self._stack.enter_async_context(HttpServer(listen[0], listen[1], handlers))
+            try:
+                await self._stack.enter_async_context(HttpServer(listen[0], listen[1], handlers))
+            except OSError as exc:  # in use, or not an address of this host
+                raise StartupError(
+                    f"http.listen {self.cfg.http.listen}: cannot listen: {exc.strerror or exc}"
+                ) from None
         if self.archive is not None:
             await self._stack.enter_async_context(self.archive)
         # Targets first: a source message must find a connection to go to.
         await self._stack.enter_async_context(self.target)
         await self._stack.enter_async_context(self.source)
-        return self
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self._stack.__aexit__(None, None, None)

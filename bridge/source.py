@@ -54,7 +54,13 @@ class SourceLink(Link):
         self._acks: AckQueue | None = None
 
     def stats(self) -> LinkStats:
-        return LinkStats(self.index, self.subscribed, self.reconnects)
+        return LinkStats(
+            self.index,
+            self.subscribed,
+            self.reconnects,
+            protocol_errors=dict(self.protocol_errors),
+            problem=self.problem,
+        )
 
     # ---- link hooks ----------------------------------------------------------------
 

@@ -22,14 +22,20 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from bridge import mqtt_codec as codec
-from bridge.errors import PacketTooLarge
+from bridge.errors import ConnectionFailed, PacketTooLarge
 from bridge.link import Connection, ConnectionFactory, Link, LinkStats
 from bridge.message import Envelope
 from bridge.mqtt import Endpoint, MqttConnection, SessionOptions
 from bridge.mqtt_codec import Publish
 from bridge.outcome import DELIVERED, EXPIRED, POISON, TOO_LARGE, UNENCODABLE, Outcome
 from bridge.pacing import Pacer, Pacing
-from bridge.policy import POISON_DROPS, on_connection_lost, puback_outcome, remaining_expiry
+from bridge.policy import (
+    POISON_DROPS,
+    on_connection_lost,
+    puback_outcome,
+    qos_refusal,
+    remaining_expiry,
+)
 from bridge.service import Service
 
 OnDone = Callable[[Envelope, Outcome], None]
@@ -72,10 +78,19 @@ class TargetLink(Link):
         pacing: Pacing,
         on_done: OnDone,
         factory: ConnectionFactory = MqttConnection,
+        needed_qos: int = 1,
+        connect_tries: int | None = None,
     ) -> None:
         super().__init__(
-            index, endpoint, options, connect_timeout, pacing.connect_interval, factory
+            index,
+            endpoint,
+            options,
+            connect_timeout,
+            pacing.connect_interval,
+            factory,
+            connect_tries,
         )
+        self.needed_qos = needed_qos
         self._loop = asyncio.get_running_loop()
         self.pacer = Pacer(pacing, window, self._loop.time())
         self.queue: deque[Envelope] = deque()
@@ -106,6 +121,8 @@ class TargetLink(Link):
             self.pacer.rate_limit,
             dict(self.throttled),
             dict(self.disconnects),
+            dict(self.protocol_errors),
+            self.problem,
         )
 
     def submit(self, env: Envelope) -> None:
@@ -183,6 +200,12 @@ class TargetLink(Link):
     # ---- link hooks ----------------------------------------------------------------
 
     async def _on_connect(self, conn: Connection) -> None:
+        refusal = qos_refusal(conn.max_qos, self.needed_qos)
+        if refusal is not None:
+            # Not a connection to publish on: the link backs off and tries again (the
+            # target may be reconfigured); readiness and the log say why.
+            await conn.disconnect()
+            raise ConnectionFailed(refusal)
         self.conn = conn
         self._writable = True
         self.pacer.connected(conn.server_receive_maximum, self._loop.time())
@@ -302,6 +325,16 @@ class TargetPool(Service):
 
     def connections(self) -> list[LinkStats]:
         return [link.stats() for link in self.links]
+
+    async def wait_failed(self) -> ConnectionFailed:
+        """Wait until a connection gives up (only with ``connect_tries``); its error."""
+        waits = [asyncio.ensure_future(link.failed.wait()) for link in self.links]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
+        return next(link.gave_up for link in self.links if link.gave_up is not None)
 
     async def close(self) -> None:
         await asyncio.gather(*(link.close() for link in self.links))

@@ -26,7 +26,7 @@ def endpoint_of(broker: BrokerConfig) -> Endpoint:
 
 def password_of(broker: BrokerConfig) -> bytes | None:
     secret = broker.password
-    return secret.get_secret_value().encode() if secret is not None else None
+    return secret.get_secret_value() if secret is not None else None
 
 
 def make_target(
@@ -34,8 +34,13 @@ def make_target(
     on_done: OnDone,
     client_tag: str = "tgt",
     factory: ConnectionFactory = MqttConnection,
+    needed_qos: int | None = None,
+    connect_tries: int | None = None,
 ) -> TargetPool:
-    """The target connections of ``cfg``: paced, windowed, one client id each."""
+    """The target connections of ``cfg``: paced, windowed, one client id each.
+
+    ``needed_qos``: the highest QoS that will be published (default: the routes');
+    ``connect_tries``: give up after this many failed connects in a row (replay)."""
     tgt = cfg.target
     endpoint = endpoint_of(tgt)
     limits = tgt.limits
@@ -55,12 +60,15 @@ def make_target(
                     keepalive=tgt.keepalive,
                     username=tgt.username,
                     password=password_of(tgt),
+                    maximum_packet_size=cfg.packet_limit("target"),
                 ),
                 window=min(cfg.flow.max_inflight, limits.inflight or 65535),
                 connect_timeout=tgt.connect_timeout,
                 pacing=pacing,
                 on_done=on_done,
                 factory=factory,
+                needed_qos=max(r.qos for r in cfg.routes) if needed_qos is None else needed_qos,
+                connect_tries=connect_tries,
             )
             for i in range(tgt.connections)
         ]
@@ -91,6 +99,7 @@ def make_source(
                 receive_maximum=min(cfg.flow.max_inflight, src.limits.inflight or 65535),
                 username=src.username,
                 password=password_of(src),
+                maximum_packet_size=cfg.packet_limit("source"),
             ),
             subscriptions,
             src.limits.filters_per_subscribe,

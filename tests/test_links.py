@@ -42,6 +42,8 @@ class FakeConnection:
     disconnect_reason: int | None = None
     closed_by_us: bool = False
     server_receive_maximum: int = 65535
+    max_qos: int = 1
+    protocol_error: str | None = None
     has_unread: bool = False
     last_rx: float = 0.0
     published: list[tuple[int, bytes, bytes]] = field(default_factory=list)
