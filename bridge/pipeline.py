@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from typing import Any
 
@@ -263,8 +264,9 @@ class Bridge:
             try:
                 await self._stack.enter_async_context(HttpServer(listen[0], listen[1], handlers))
             except OSError as exc:  # in use, or not an address of this host
+                why = os.strerror(exc.errno) if exc.errno else str(exc)
                 raise StartupError(
-                    f"http.listen {self.cfg.http.listen}: cannot listen: {exc.strerror or exc}"
+                    f"http.listen {self.cfg.http.listen}: cannot listen: {why}"
                 ) from None
         if self.archive is not None:
             await self._stack.enter_async_context(self.archive)

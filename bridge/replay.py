@@ -48,7 +48,7 @@ _PARTITION = re.compile(
 S3_TRIES = 3
 CONNECT_TRIES = 5
 # At most this many bad-record lines in the summary; the count has them all.
-_DETAILS = 20
+_DETAILS = 50
 
 
 class GiveUp(Exception):
@@ -226,15 +226,17 @@ class Replayer:
             work = asyncio.ensure_future(self._replay_all(client, bucket, keys, pool))
             failed = asyncio.ensure_future(pool.wait_failed())
             await asyncio.wait({work, failed}, return_when=asyncio.FIRST_COMPLETED)
-            if not work.done():
-                work.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await work
-                await pool.close()
-                raise GiveUp(f"target: {failed.result()}")
-            failed.cancel()
+            for task in (work, failed):
+                if not task.done():
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
             await pool.close()
-            work.result()
+        # Outside the pool's task group, which would wrap it in an ExceptionGroup.
+        if not work.cancelled():
+            work.result()  # a GiveUp from S3, or done
+        elif not failed.cancelled():
+            raise GiveUp(f"target: {failed.result()}")
 
     async def _replay_all(self, client: Any, bucket: str, keys: list[str], pool: Any) -> None:
         for key in keys:

@@ -72,9 +72,10 @@ def parse_broker_url(text: str) -> BrokerUrl:
     if parts.scheme not in DEFAULT_PORTS:
         raise ValueError(f"scheme must be mqtt:// or mqtts://, got {shown!r}")
     # Credentials never travel in the URL: they would be printed, logged and scraped.
-    if parts.password is not None:
-        raise ValueError("no password in the URL: use password_file")
-    if parts.username is not None:
+    # Any '@' counts: a password holding '/' or '?' would hide from urlsplit.
+    if "@" in text:
+        if ":" in text[text.find("//") + 1 : text.rfind("@")]:
+            raise ValueError("no password in the URL: use password_file")
         raise ValueError("no user name in the URL: use username (and password_file)")
     if not parts.hostname:
         raise ValueError(f"no host in {shown!r}")

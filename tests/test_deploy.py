@@ -314,7 +314,8 @@ def test_dockerfile_runtime_stage() -> None:
     # Dependencies come from the hashed lock file, in both stages.
     for stage in stages:
         runs = " ".join(args for k, args in stage if k == "RUN")
-        assert "--require-hashes" in runs and "requirements.lock" in runs
+        assert "--require-hashes" in runs
+        assert "requirements.lock" in runs
 
 
 def test_lock_file_pins_every_dependency_with_hashes() -> None:
