@@ -19,7 +19,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PrivateAttr,
-    SecretBytes,
+    SecretStr,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -158,7 +158,7 @@ class BrokerConfig(Section):
     client_id: str | None = None
     username: str | None = None
     password_file: ReadableFile | None = None
-    _password: SecretBytes | None = PrivateAttr(default=None)
+    _password: SecretStr | None = PrivateAttr(default=None)
     connect_timeout: Annotated[float, Field(gt=0, le=300)] = 10.0
     # The largest packet this broker may send us: announced in CONNECT (MQTT 5), and
     # no read buffers more. None: derived from the limits (BridgeConfig.packet_limit).
@@ -202,7 +202,10 @@ class BrokerConfig(Section):
     @model_validator(mode="after")
     def _check(self) -> BrokerConfig:
         if self.password_file is not None:
-            self._password = SecretBytes(_read_password(self.password_file))
+            # MQTT passwords are binary: kept byte for byte (surrogateescape), never decoded
+            # in a way that could fail and print a byte of it.
+            secret = _read_password(self.password_file).decode("utf-8", "surrogateescape")
+            self._password = SecretStr(secret)
         if self.password_file is not None and self.username is None and self.protocol == "3.1.1":
             raise ValueError("password_file needs username with MQTT 3.1.1 (MQTT-3.1.2-22)")
         if self.tls is not None and not self.is_tls:
@@ -226,7 +229,7 @@ class BrokerConfig(Section):
         return (self.tls.server_name if self.tls else None) or self.host
 
     @property
-    def password(self) -> SecretBytes | None:
+    def password(self) -> SecretStr | None:
         return self._password
 
     @property

@@ -26,7 +26,9 @@ def endpoint_of(broker: BrokerConfig) -> Endpoint:
 
 def password_of(broker: BrokerConfig) -> bytes | None:
     secret = broker.password
-    return secret.get_secret_value() if secret is not None else None
+    if secret is None:
+        return None
+    return secret.get_secret_value().encode("utf-8", "surrogateescape")  # the file's bytes
 
 
 def make_target(

@@ -233,3 +233,14 @@ def test_run_with_bad_config_exits_2_without_traceback(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert proc.stdout == ""
     assert proc.stderr == "error: routes[0].target: capture {2} but the filter has 1 wildcard\n"
+
+
+def test_a_binary_password_reaches_the_broker_byte_for_byte(tmp_path: Path) -> None:
+    """MQTT passwords are binary data: nothing is decoded (an error would show a byte)."""
+    from bridge.config import load_config
+    from bridge.wiring import password_of
+
+    secret = b"\xff\x00\xfe-not-utf8-\xc3"
+    (tmp_path / "pw").write_bytes(secret + b"\r\n")
+    path = write(tmp_path, with_(target__password_file=str(tmp_path / "pw"), target__username="u"))
+    assert password_of(load_config(path).target) == secret

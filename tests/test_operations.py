@@ -17,7 +17,7 @@ CATALOGUE = [
     "inflight_messages_peak", "inflight_messages_limit", "e2e_latency_seconds", "connected",
     "reconnects_total", "ready", "build_info", "event_loop_lag_seconds",
     "connection_published_total", "connection_window", "connection_rate_limit",
-    "throttled_total", "disconnects_total",
+    "throttled_total", "disconnects_total", "protocol_errors_total",
 ]  # fmt: skip
 
 
