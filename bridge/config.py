@@ -529,7 +529,14 @@ def loop_problems(a: BridgeConfig, b: BridgeConfig, b_name: str) -> list[str]:
 def _loc(parts: tuple[int | str, ...]) -> str:
     text = ""
     for part in parts:
-        text += f"[{part}]" if isinstance(part, int) else f".{part}"
+        if isinstance(part, int):
+            text += f"[{part}]"
+            continue
+        shown = part
+        if not part.isprintable() or " " in part or len(part) > 60:
+            # A key from the file or the environment: keep the line one line, and short.
+            shown = repr(part[:60]) + ("…" if len(part) > 60 else "")
+        text += f".{shown}"
     return text.lstrip(".")
 
 

@@ -97,7 +97,7 @@ def check_endpoint_url(text: str) -> str:
     parts = _split(text)
     if parts.scheme not in ("http", "https"):
         raise ValueError(f"scheme must be http:// or https://, got {shown!r}")
-    if parts.username is not None or parts.password is not None:
+    if "@" in text:  # anywhere: a password holding '/' would hide from urlsplit
         raise ValueError(
             "no credentials in the URL: S3 credentials come from the AWS chain "
             "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, shared files, or the task role)"
