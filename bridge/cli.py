@@ -130,11 +130,16 @@ def _health(url: str, timeout: float) -> int:
 
     from bridge.urls import redact_url
 
+    if not url.startswith(("http://", "https://")):
+        print(
+            f"error: health: --url must be an http:// URL, got {redact_url(url)!r}", file=sys.stderr
+        )
+        return 2
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
             return 0 if response.status == 200 else 1
-    except (OSError, ValueError) as exc:  # ValueError: not an http:// URL at all
-        print(f"unhealthy: {redact_url(url)}: {exc}", file=sys.stderr)
+    except (OSError, ValueError) as exc:  # ValueError: a URL urllib cannot use
+        print(f"unhealthy: {redact_url(url)}: {redact_url(str(exc))}", file=sys.stderr)
         return 1
 
 

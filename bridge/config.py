@@ -455,6 +455,13 @@ class BridgeConfig(BaseSettings):
             ("target", [self.target_client_id(i) for i in range(self.target.connections)]),
         ):
             broker: BrokerConfig = getattr(self, side)
+            longest = max(len(client_id.encode()) for client_id in ids)
+            if longest > MQTT_STRING_MAX:
+                # The ids get "-<n>" suffixes: a client_id that fits may still not.
+                raise ValueError(
+                    f"{side}: the client ids derived from client_id are up to {longest} "
+                    f"bytes: MQTT allows at most {MQTT_STRING_MAX}"
+                )
             if broker.profile != "aws-iot":
                 continue
             for client_id in ids:
