@@ -282,11 +282,19 @@ class Replayer:
         limit = self.opts.limits.max_object_bytes
         try:
             response = await client.get_object(Bucket=bucket, Key=key)
-            size = int(response.get("ContentLength") or 0)
             async with response["Body"] as stream:
+                # Counted as it comes: a Content-Length is not a promise.
+                chunks, size = [], int(response.get("ContentLength") or 0)
                 if size <= limit:
-                    return bytes(await stream.read())
-            self._corrupt(key, f"{size} bytes compressed, over --max-object-bytes {limit}")
+                    size = 0
+                    async for chunk in stream.iter_chunks(1024 * 1024):
+                        size += len(chunk)
+                        if size > limit:
+                            break
+                        chunks.append(chunk)
+                    else:
+                        return b"".join(chunks)
+            self._corrupt(key, f"over --max-object-bytes {limit} compressed")
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") not in ("NoSuchKey", "404"):
                 raise GiveUp(f"cannot read s3://{bucket}/{key}: {_s3_error(exc)}") from None

@@ -16,6 +16,7 @@ import copy
 import gzip
 import json
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -247,6 +248,8 @@ def archive_object(case: dict[str, Any]) -> tuple[bytes, set[bytes]]:
         return case["raw"].encode(), set()
     if "zeros" in case:
         return gzip.compress(bytes(case["zeros"]), 9), set()
+    if "noise" in case:
+        return random.Random(case["name"]).randbytes(case["noise"]), set()
     lines, good = [], set()
     for n, line in enumerate(fill(case["lines"], {"{secret}": SECRET})):
         if isinstance(line, str):
