@@ -459,7 +459,7 @@ atexit.register(shutil.rmtree, _FUZZ_DIR, True)
 for _side in ("source", "target"):
     (_FUZZ_DIR / f"{_side}-password").write_text(SECRET + "\n")
 _VALID = yaml.safe_dump(fill(copy.deepcopy(BASE), {"{dir}": str(_FUZZ_DIR)}))
-_FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+_FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def _load_never_crashes(data: bytes, env: dict[str, str] | None = None) -> None:

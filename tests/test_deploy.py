@@ -64,6 +64,7 @@ _COUNTERS = {
     "archive_records_total",
     "archive_failures_total",
     "archive_dropped_total",
+    "protocol_errors_total",
 }
 _GAUGES = {
     "inflight_messages",
