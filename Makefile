@@ -41,7 +41,8 @@ lint: $(STAMP)
 
 ## unit: the fast tests only (no brokers)
 unit: $(STAMP)
-	$(PY) -m pytest tests/test_routing.py tests/test_config.py tests/test_codec.py
+	$(PY) -m pytest tests/test_routing.py tests/test_config.py tests/test_codec.py \
+	    tests/test_urls.py tests/test_archive_reader.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import contextlib
 import datetime as dt
 import gzip
@@ -56,15 +57,48 @@ def properties_to_json(props: codec.Properties | None) -> dict[str, Any]:
     return out
 
 
-def properties_from_json(obj: dict[str, Any]) -> codec.Properties:
-    props: codec.Properties = {
-        key: obj[name] for key, name in _PROPERTY_NAMES.items() if name in obj
-    }
+def properties_from_json(obj: Any) -> codec.Properties:
+    """The inverse of ``properties_to_json``, for records read back (replay): every type
+    is checked, so a mistyped property is this record's error and nothing later's."""
+    if not isinstance(obj, dict):
+        raise TypeError("properties must be an object")
+    props: codec.Properties = {}
+    for key, name in _PROPERTY_NAMES.items():
+        if name not in obj:
+            continue
+        value = obj[name]
+        if key in (codec.CONTENT_TYPE, codec.RESPONSE_TOPIC):
+            props[key] = _mqtt_text(value, name)
+        elif type(value) is not int or not 0 <= value <= _LIMITS[key]:
+            raise TypeError(f"properties.{name} must be an integer 0-{_LIMITS[key]}")
+        else:
+            props[key] = value
     if "correlation_data_b64" in obj:
-        props[codec.CORRELATION_DATA] = base64.b64decode(obj["correlation_data_b64"])
+        text = _mqtt_text(obj["correlation_data_b64"], "correlation_data_b64")
+        try:
+            data = base64.b64decode(text, validate=True)
+        except (binascii.Error, TypeError):
+            raise TypeError("properties.correlation_data_b64 must be base64") from None
+        props[codec.CORRELATION_DATA] = data
     if "user_properties" in obj:
-        props[codec.USER_PROPERTY] = [(str(k), str(v)) for k, v in obj["user_properties"]]
+        pairs = obj["user_properties"]
+        if not isinstance(pairs, list) or not all(
+            isinstance(p, list) and len(p) == 2 for p in pairs
+        ):
+            raise TypeError("properties.user_properties must be a list of [key, value] pairs")
+        props[codec.USER_PROPERTY] = [
+            (_mqtt_text(k, "user_properties"), _mqtt_text(v, "user_properties")) for k, v in pairs
+        ]
     return props
+
+
+_LIMITS = {codec.PAYLOAD_FORMAT: 1, codec.MESSAGE_EXPIRY: 0xFFFFFFFF}
+
+
+def _mqtt_text(value: Any, name: str) -> str:
+    if not isinstance(value, str) or len(value.encode()) > 65535 or "\x00" in value:
+        raise TypeError(f"properties.{name} must be text of at most 65535 bytes, without NUL")
+    return value
 
 
 def record(env: Envelope, direction: str, instance: str, route: str) -> dict[str, Any]:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 import yaml
 
@@ -16,8 +18,30 @@ from bridge.loader import bridge_variables
 from bridge.sizing import sizing_problems
 
 
+def _number(kind: Callable[[str], float], low: float, high: float) -> Callable[[str], float]:
+    """An argparse type: a finite number in [low, high] (a rate of -1 would spin)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not math.isfinite(value) or not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{text!r}: must be between {low:g} and {high:g}")
+        return value
+
+    return parse
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line, like every other user error (argparse prints usage too)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {self.prog}: {message} (see --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="mqtt-bridge",
         description="Republish MQTT between a device broker and AWS IoT Core, at least once.",
     )
@@ -47,7 +71,26 @@ def _parser() -> argparse.ArgumentParser:
         "--route", metavar="R", help="only records of this route (its name or filter)"
     )
     replay.add_argument("--topic-filter", metavar="F", help="only source topics matching F")
-    replay.add_argument("--rate", type=float, metavar="N", help="at most N messages per second")
+    replay.add_argument(
+        "--rate",
+        type=_number(float, 0.001, 1e6),
+        metavar="N",
+        help="at most N messages per second",
+    )
+    replay.add_argument(
+        "--max-record-bytes",
+        type=_number(int, 1024, 2**31),
+        default=16 * 1024 * 1024,
+        metavar="B",
+        help="skip (and report) an archived line longer than this (default 16 MiB)",
+    )
+    replay.add_argument(
+        "--max-object-bytes",
+        type=_number(int, 1024, 2**40),
+        default=256 * 1024 * 1024,
+        metavar="B",
+        help="skip (and report) an object that inflates to more than this (default 256 MiB)",
+    )
     replay.add_argument(
         "--to-source-topic",
         action="store_true",
@@ -97,7 +140,7 @@ def _parser() -> argparse.ArgumentParser:
         "health", help="exit 0 when a worker's /healthz answers 200 (HEALTHCHECK)"
     )
     health.add_argument("--url", default="http://127.0.0.1:9100/healthz")
-    health.add_argument("--timeout", type=float, default=3.0)
+    health.add_argument("--timeout", type=_number(float, 0.01, 300), default=3.0)
     return parser
 
 
@@ -125,6 +168,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return run_worker(cfg, args.log_format, args.config)
+    except ConfigError as exc:  # what only the start can find out (a port in use)
+        for problem in exc.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 
@@ -132,17 +179,25 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _health(url: str, timeout: float) -> int:
     import urllib.request
 
+    from bridge.urls import redact_url
+
+    if not url.startswith(("http://", "https://")):
+        print(
+            f"error: health: --url must be an http:// URL, got {redact_url(url)!r}", file=sys.stderr
+        )
+        return 2
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
             return 0 if response.status == 200 else 1
-    except OSError as exc:
-        print(f"unhealthy: {url}: {exc}", file=sys.stderr)
+    except (OSError, ValueError) as exc:  # ValueError: a URL urllib cannot use
+        print(f"unhealthy: {redact_url(url)}: {redact_url(str(exc))}", file=sys.stderr)
         return 1
 
 
 def _replay(cfg: BridgeConfig, args: argparse.Namespace) -> int:
     import asyncio
 
+    from bridge.archive_reader import ReadLimits
     from bridge.replay import Replayer, ReplayOptions, parse_time
     from bridge.runtime import new_event_loop, setup_logging
 
@@ -157,6 +212,7 @@ def _replay(cfg: BridgeConfig, args: argparse.Namespace) -> int:
             to_source_topic=args.to_source_topic,
             dry_run=args.dry_run,
             progress_every=args.progress_every,
+            limits=ReadLimits(int(args.max_record_bytes), int(args.max_object_bytes)),
         )
         if opts.topic_filter:
             from bridge.routing import TopicFilter
@@ -173,7 +229,10 @@ def _replay(cfg: BridgeConfig, args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise ConfigError([f"replay: {exc}"]) from None
     print("\n".join(summary.lines()))
-    return 1 if summary.errors or summary.rejected else 0
+    if summary.gave_up:
+        print(f"error: replay: {summary.gave_up}", file=sys.stderr)
+        return 2
+    return 1 if summary.errors or summary.rejected or summary.bad_records else 0
 
 
 def _sessions(cfg: BridgeConfig, args: argparse.Namespace) -> int:

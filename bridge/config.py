@@ -6,13 +6,13 @@ YAML file. Secrets are never inline: ``password_file`` names a file that is read
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import ssl
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 from pydantic import (
     AfterValidator,
@@ -27,10 +27,20 @@ from pydantic import (
     model_validator,
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings.exceptions import SettingsError
 
 from bridge.cohort import Cohort, CohortGate, read_device_list
 from bridge.errors import ConfigError
-from bridge.limits import AWS_CLIENT_ID_MAX, AWS_IOT_LIMITS, AWS_KEEPALIVE_RANGE, TopicLimits
+from bridge.limits import (
+    AWS_CLIENT_ID_MAX,
+    AWS_IOT_LIMITS,
+    AWS_KEEPALIVE_RANGE,
+    MQTT_MAX_PACKET,
+    MQTT_MIN_PACKET,
+    TARGET_PACKET_LIMIT,
+    TopicLimits,
+    source_packet_limit,
+)
 from bridge.loader import ENV_ORIGIN, read_yaml, unknown_variables, variable_for, variables_inside
 from bridge.routing import (
     ONE,
@@ -42,10 +52,26 @@ from bridge.routing import (
     template_pattern,
 )
 from bridge.tls import client_context
+from bridge.urls import BrokerUrl, check_endpoint_url, check_region, parse_broker_url, redact_url
 
 HOP_MARKER = "mqtt-bridge-hop"
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
-_FROZEN = ConfigDict(frozen=True, extra="forbid")
+# Infinity and NaN are never a setting: `connect_timeout: .inf` would wait forever.
+_FROZEN = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+# Every duration is finite and bounded (`le=`): every wait in the bridge ends.
+# MQTT strings (client id, user name, password) carry a two-byte length.
+MQTT_STRING_MAX = 65535
+
+
+def _mqtt_string(value: str | None, what: str) -> str | None:
+    if value is None:
+        return None
+    if "\x00" in value:
+        raise ValueError(f"{what} contains a NUL character (MQTT-1.5.4-2)")
+    size = len(value.encode())
+    if size > MQTT_STRING_MAX:
+        raise ValueError(f"{what} is {size} bytes: MQTT allows at most {MQTT_STRING_MAX}")
+    return value
 
 
 class Section(BaseModel):
@@ -64,33 +90,32 @@ def _readable(path: Path) -> Path:
 ReadableFile = Annotated[Path, AfterValidator(_readable)]
 
 
-def _broker_url(value: str) -> str:
-    parts = urlsplit(value)
-    if parts.scheme not in ("mqtt", "mqtts"):
-        raise ValueError(f"scheme must be mqtt:// or mqtts://, got {value!r}")
-    if not parts.hostname:
-        raise ValueError(f"no host in {value!r}")
+def _read_password(path: Path) -> bytes:
+    """The password file's bytes, without a trailing newline. MQTT passwords are binary
+    data, so nothing is decoded: an error here could only show a secret byte."""
     try:
-        parts.port  # noqa: B018 - raises on a bad port
-    except ValueError:
-        raise ValueError(f"bad port in {value!r}") from None
-    if parts.password:
-        raise ValueError("no password in the URL: use password_file")
-    if parts.path not in ("", "/"):
-        raise ValueError(f"unexpected path {parts.path!r} in the URL")
+        secret = path.read_bytes().rstrip(b"\r\n")
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+    if len(secret) > MQTT_STRING_MAX:
+        raise ValueError(f"password_file {path}: longer than MQTT's {MQTT_STRING_MAX} bytes")
+    return secret
+
+
+def _broker_url(value: str) -> str:
+    parse_broker_url(value)  # every error names what to use instead, with secrets masked
     return value
 
 
-BrokerUrl = Annotated[str, AfterValidator(_broker_url)]
+UrlText = Annotated[str, AfterValidator(_broker_url)]
 
 
 def url_host(url: str) -> str:
-    return urlsplit(url).hostname or ""
+    return parse_broker_url(url).host
 
 
 def url_port(url: str) -> int:
-    parts = urlsplit(url)
-    return parts.port or (8883 if parts.scheme == "mqtts" else 1883)
+    return parse_broker_url(url).port
 
 
 def url_address(url: str) -> str:
@@ -104,6 +129,18 @@ class TlsConfig(Section):
     alpn: list[str] = []  # e.g. ["x-amzn-mqtt-ca"] for X.509 on port 443
     server_name: str | None = None  # SNI and the name verified; default the URL's host
     _context: ssl.SSLContext | None = PrivateAttr(default=None)
+
+    @field_validator("alpn")
+    @classmethod
+    def _check_alpn(cls, value: list[str]) -> list[str]:
+        for name in value:
+            # TLS carries each protocol name with a one-byte length (RFC 7301).
+            if not name or len(name.encode()) > 255 or not name.isascii():
+                raise ValueError(
+                    f"each protocol is 1-255 ASCII characters, got {name[:40]!r}"
+                    + ("…" if len(name) > 40 else "")
+                )
+        return value
 
     @model_validator(mode="after")
     def _build(self) -> TlsConfig:
@@ -121,8 +158,8 @@ class TlsConfig(Section):
 class LimitsConfig(Section):
     """Per-connection limits of one broker; ``profile`` fills them, keys here override."""
 
-    publish_rate: Annotated[float, Field(gt=0)] | None = None
-    bytes_rate: Annotated[float, Field(gt=0)] | None = None
+    publish_rate: Annotated[float, Field(gt=0, le=1e9)] | None = None
+    bytes_rate: Annotated[float, Field(gt=0, le=1e12)] | None = None
     burst: Annotated[float, Field(gt=0, le=1)] = 1.0
     inflight: Annotated[int, Field(ge=1, le=65535)] | None = None
     max_payload: Annotated[int, Field(ge=1)] | None = None
@@ -130,7 +167,7 @@ class LimitsConfig(Section):
     max_topic_slashes: Annotated[int, Field(ge=0)] | None = None
     subscriptions_per_connection: Annotated[int, Field(ge=1)] | None = None
     filters_per_subscribe: Annotated[int, Field(ge=1)] | None = None
-    connect_interval: Annotated[float, Field(ge=0)] = 0.0
+    connect_interval: Annotated[float, Field(ge=0, le=3600)] = 0.0
     max_qos: Literal[0, 1] = 1
 
     def topic_limits(self) -> TopicLimits:
@@ -147,11 +184,14 @@ class BrokerConfig(Section):
     username: str | None = None
     password_file: ReadableFile | None = None
     _password: SecretStr | None = PrivateAttr(default=None)
-    connect_timeout: Annotated[float, Field(gt=0)] = 10.0
+    connect_timeout: Annotated[float, Field(gt=0, le=300)] = 10.0
+    # The largest packet this broker may send us: announced in CONNECT (MQTT 5), and
+    # no read buffers more. None: derived from the limits (BridgeConfig.packet_limit).
+    max_packet_size: Annotated[int, Field(ge=MQTT_MIN_PACKET, le=MQTT_MAX_PACKET)] | None = None
     tls: TlsConfig | None = None
     limits: LimitsConfig = LimitsConfig()
     # Disaster recovery: where to go when `url` cannot be reached (failover.py has the rules).
-    failover_urls: list[BrokerUrl] = []
+    failover_urls: list[UrlText] = []
     failover_after: Annotated[float, Field(gt=0)] = 10.0
     failback_after: Annotated[float, Field(gt=0)] | None = 60.0
 
@@ -175,18 +215,33 @@ class BrokerConfig(Section):
     def _check_url(cls, value: str) -> str:
         return _broker_url(value)
 
+    @field_validator("client_id")
+    @classmethod
+    def _check_client_id(cls, value: str | None) -> str | None:
+        if value == "":
+            raise ValueError("empty: omit client_id for the default")
+        return _mqtt_string(value, "the client id")
+
+    @field_validator("username")
+    @classmethod
+    def _check_username(cls, value: str | None) -> str | None:
+        return _mqtt_string(value, "the user name")
+
     @model_validator(mode="after")
     def _check(self) -> BrokerConfig:
         if self.password_file is not None:
-            self._password = SecretStr(self.password_file.read_text().rstrip("\r\n"))
+            # MQTT passwords are binary: kept byte for byte (surrogateescape), never decoded
+            # in a way that could fail and print a byte of it.
+            secret = _read_password(self.password_file).decode("utf-8", "surrogateescape")
+            self._password = SecretStr(secret)
         if self.password_file is not None and self.username is None and self.protocol == "3.1.1":
             raise ValueError("password_file needs username with MQTT 3.1.1 (MQTT-3.1.2-22)")
         if self.tls is not None and not self.is_tls:
             # Never a silent plaintext connection when TLS settings were given.
             raise ValueError("tls is set but the url is mqtt://: use mqtts://")
-        scheme = urlsplit(self.url).scheme
+        scheme = parse_broker_url(self.url).scheme
         for i, other in enumerate(self.failover_urls):
-            if urlsplit(other).scheme != scheme:
+            if parse_broker_url(other).scheme != scheme:
                 raise ValueError(
                     f"failover_urls[{i}]: {other!r} must use {scheme}:// like url "
                     "(one tls section serves every url)"
@@ -216,16 +271,20 @@ class BrokerConfig(Section):
         return self._password
 
     @property
+    def parsed_url(self) -> BrokerUrl:
+        return parse_broker_url(self.url)
+
+    @property
     def host(self) -> str:
-        return url_host(self.url)
+        return self.parsed_url.host
 
     @property
     def port(self) -> int:
-        return url_port(self.url)
+        return self.parsed_url.port
 
     @property
     def is_tls(self) -> bool:
-        return urlsplit(self.url).scheme == "mqtts"
+        return self.parsed_url.is_tls
 
     @property
     def address(self) -> str:
@@ -327,7 +386,7 @@ class RouteConfig(Section):
     @field_validator("share_group")
     @classmethod
     def _check_share_group(cls, value: str | None) -> str | None:
-        if value is not None and (not value or any(c in value for c in "/+#")):
+        if value is not None and (not value or any(c in value for c in "/+#\x00")):
             raise ValueError("a share group name is non-empty and has no '/', '+' or '#'")
         return value
 
@@ -441,14 +500,20 @@ class FlowConfig(Section):
 
 
 class ShutdownConfig(Section):
-    deadline: Annotated[float, Field(gt=0)] = 20.0
+    deadline: Annotated[float, Field(gt=0, le=3600)] = 20.0
     # After unsubscribing, the broker still flushes what it queued for our session;
     # the drain ends once nothing is in flight and nothing arrived for this long.
-    quiet: Annotated[float, Field(gt=0)] = 0.5
+    quiet: Annotated[float, Field(gt=0, le=60)] = 0.5
     # What happens to each source session on a graceful leave (bridge/leave.py):
     # auto: shared subscriptions are given up and the session ended when drained; a
     # session with a plain subscription is kept for the next start. keep | end: always.
     session: Literal["auto", "keep", "end"] = "auto"
+
+    @model_validator(mode="after")
+    def _quiet_fits(self) -> ShutdownConfig:
+        if self.quiet >= self.deadline:
+            raise ValueError(f"quiet ({self.quiet:g} s) must be shorter than deadline")
+        return self
 
 
 class MembershipConfig(Section):
@@ -471,17 +536,31 @@ class MembershipConfig(Section):
         return value.rstrip("/")
 
 
+# The container image sets this to 0.0.0.0:9100: a default, which a config file's
+# `http.listen` (even null) overrides, unlike a BRIDGE_HTTP__LISTEN variable.
+DEFAULT_LISTEN_ENV = "MQTT_BRIDGE_DEFAULT_LISTEN"
+
+
+def _default_listen() -> str:
+    return os.environ.get(DEFAULT_LISTEN_ENV) or "127.0.0.1:9100"
+
+
 class HttpConfig(Section):
-    listen: str | None = "127.0.0.1:9100"
+    listen: str | None = Field(default_factory=_default_listen)
 
     @field_validator("listen")
     @classmethod
     def _check_listen(cls, value: str | None) -> str | None:
         if value in (None, ""):
             return None
-        _host, sep, port = value.rpartition(":")
+        host, sep, port = value.rpartition(":")
         if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
             raise ValueError(f"expected HOST:PORT, got {value!r}")
+        bare = host.removeprefix("[").removesuffix("]")
+        if host.startswith("[") != host.endswith("]") or any(
+            c.isspace() or c in "/[]@" or not c.isprintable() for c in bare
+        ):
+            raise ValueError(f"expected HOST:PORT (an address or a name), got {value!r}")
         return value
 
     @property
@@ -498,12 +577,22 @@ class S3Config(Section):
     endpoint_url: str | None = None  # MinIO or any S3-compatible store; default AWS
     region: str | None = None
     mode: Literal["required", "best_effort"] = "best_effort"
-    flush_interval: Annotated[float, Field(gt=0)] = 1.0
+    flush_interval: Annotated[float, Field(gt=0, le=3600)] = 1.0
     max_batch_bytes: Annotated[int, Field(ge=1024)] = 8 * 1024 * 1024
     max_buffer_bytes: Annotated[int, Field(ge=1024)] = 256 * 1024 * 1024
     # Objects written at once. `required` mode also seals a batch once it holds
     # flow.max_inflight / (max_uploads + 1) messages (README "Sizing `required`").
     max_uploads: Annotated[int, Field(ge=1, le=64)] = 4
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _check_endpoint(cls, value: str | None) -> str | None:
+        return None if value is None else check_endpoint_url(value)
+
+    @field_validator("region")
+    @classmethod
+    def _check_region(cls, value: str | None) -> str | None:
+        return None if value is None else check_region(value)
 
     @field_validator("prefix")
     @classmethod
@@ -519,7 +608,7 @@ class BackupConfig(Section):
 class LogConfig(Section):
     format: Literal["json", "console"] = "json"
     level: Literal["debug", "info", "warning", "error"] = "info"
-    stats_interval: Annotated[float, Field(gt=0)] = 10.0
+    stats_interval: Annotated[float, Field(gt=0, le=86400)] = 10.0
 
 
 class BridgeConfig(BaseSettings):
@@ -528,6 +617,7 @@ class BridgeConfig(BaseSettings):
         env_nested_delimiter="__",
         frozen=True,
         extra="forbid",
+        allow_inf_nan=False,
     )
 
     instance_id: str = Field(default_factory=lambda: os.environ.get("HOSTNAME", ""))
@@ -560,6 +650,8 @@ class BridgeConfig(BaseSettings):
     def _check_instance_id(cls, value: str) -> str:
         if not value:
             raise ValueError("not set, and $HOSTNAME is empty: set instance_id")
+        if "\x00" in value:
+            raise ValueError("contains a NUL character")
         if any(c in value for c in "/+#") or value.startswith("$"):
             raise ValueError("must not contain '/', '+', '#' or start with '$'")
         if len(value.encode()) > 100:
@@ -660,6 +752,13 @@ class BridgeConfig(BaseSettings):
             ),
         ):
             broker: BrokerConfig = getattr(self, side)
+            longest = max(len(client_id.encode()) for client_id in ids)
+            if longest > MQTT_STRING_MAX:
+                # The ids get "-<n>" suffixes: a client_id that fits may still not.
+                raise ValueError(
+                    f"{side}: the client ids derived from client_id are up to {longest} "
+                    f"bytes: MQTT allows at most {MQTT_STRING_MAX}"
+                )
             if broker.profile != "aws-iot":
                 continue
             for client_id in ids:
@@ -733,8 +832,25 @@ class BridgeConfig(BaseSettings):
             return f"{self.target.client_id}-{index}"
         return f"{self.instance_id}-{tag}-{index}"
 
+    def packet_limit(self, side: Literal["source", "target"]) -> int:
+        """The Maximum Packet Size a side's broker may send us (see limits.packet_limit)."""
+        broker: BrokerConfig = getattr(self, side)
+        if broker.max_packet_size is not None:
+            return broker.max_packet_size
+        if side == "target":
+            return TARGET_PACKET_LIMIT
+        return source_packet_limit(self.target.limits.max_payload, self.flow.max_inflight_bytes)
+
     def redacted(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        """The effective configuration as `check` prints and the start log records it."""
+        dumped = self.model_dump(mode="json")
+        # Credentials are refused in every URL; masking them again costs nothing.
+        for side in ("source", "target"):
+            dumped[side]["url"] = redact_url(dumped[side]["url"])
+        s3 = (dumped.get("backup") or {}).get("s3")
+        if s3 and s3.get("endpoint_url"):
+            s3["endpoint_url"] = redact_url(s3["endpoint_url"])
+        return dumped
 
     def effective(self) -> dict[str, Any]:
         """``redacted()`` with what the worker derives filled in: the client id bases and
@@ -780,7 +896,14 @@ def loop_problems(a: BridgeConfig, b: BridgeConfig, b_name: str) -> list[str]:
 def _loc(parts: tuple[int | str, ...]) -> str:
     text = ""
     for part in parts:
-        text += f"[{part}]" if isinstance(part, int) else f".{part}"
+        if isinstance(part, int):
+            text += f"[{part}]"
+            continue
+        shown = part
+        if not part.isprintable() or " " in part or len(part) > 60:
+            # A key from the file or the environment: keep the line one line, and short.
+            shown = repr(part[:60]) + ("…" if len(part) > 60 else "")
+        text += f".{shown}"
     return text.lstrip(".")
 
 
@@ -825,6 +948,9 @@ def load_config(path: str | Path) -> BridgeConfig:
     that every ``BRIDGE_…`` variable names a setting; the model validates the values.
     """
     raw = read_yaml(Path(path))
+    odd = [key for key in raw if not isinstance(key, str)]
+    if odd:
+        raise ConfigError([f"{path}: key {key!r} is not a name" for key in odd])
     problems = unknown_variables(os.environ, BridgeConfig)
     if problems:
         raise ConfigError(problems)
@@ -832,11 +958,50 @@ def load_config(path: str | Path) -> BridgeConfig:
         return BridgeConfig(**raw)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, os.environ)) from None
+    except SettingsError:
+        raise ConfigError(_environment_problems()) from None
 
 
 def located(path: str, problems: list[str]) -> list[str]:
     """Problems as ``check`` prints them: each starts with the file it is about."""
     return [p if p.startswith((path, ENV_ORIGIN)) else f"{path}: {p}" for p in problems]
+
+
+def _environment_problems() -> list[str]:
+    """The BRIDGE_ variables whose value must be JSON (a section or a list) and is not.
+
+    pydantic-settings only says which top-level field failed; the variable is what the
+    operator has to fix. The value itself is never shown: it may be a secret.
+    """
+    problems = []
+    for name, value in sorted(os.environ.items()):
+        if not name.upper().startswith("BRIDGE_") or not _wants_json(name):
+            continue
+        try:
+            json.loads(value)
+        except ValueError:
+            problems.append(
+                f"{ENV_ORIGIN}{name}: not valid JSON (a section or a list is given as JSON)"
+            )
+    return problems or ["a BRIDGE_ variable for a section or a list is not valid JSON"]
+
+
+def _wants_json(name: str) -> bool:
+    """Whether pydantic-settings parses ``name``'s value as JSON: it names a section
+    (a model) or a list, following the ``__`` nesting."""
+    model: Any = BridgeConfig
+    annotation: Any = None
+    for part in name[len("BRIDGE_") :].lower().split("__"):
+        fields = getattr(model, "model_fields", None)
+        if fields is None or part not in fields:
+            return False
+        annotation = fields[part].annotation
+        model = next((a for a in (annotation, *get_args(annotation)) if isinstance(a, type)), None)
+    kinds = (annotation, *get_args(annotation))
+    return any(
+        get_origin(a) in (list, dict) or (isinstance(a, type) and issubclass(a, BaseModel))
+        for a in kinds
+    )
 
 
 def cross_check(configs: dict[str, BridgeConfig]) -> list[str]:

@@ -29,7 +29,20 @@ class ConnectRefused(ConnectionFailed):
 
 
 class ProtocolViolation(ConnectionFailed):
-    """The peer broke the MQTT protocol; the connection is dropped and retried."""
+    """The peer broke the MQTT protocol; the connection is dropped and retried.
+
+    ``reason`` is the metric label (``protocol_errors_total{reason}``)."""
+
+    def __init__(self, message: str, reason: str = "malformed_packet") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class StartupError(ConfigError):
+    """Something only the start can find out (a port in use): one line, exit 2."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__([problem])
 
 
 class PacketTooLarge(BridgeError):

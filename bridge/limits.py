@@ -27,6 +27,27 @@ AWS_KEEPALIVE_RANGE = (30, 1200)
 AWS_CLIENT_ID_MAX = 128
 _RULES_PREFIX = "$aws/rules/"
 
+# Maximum Packet Size: what a broker may send us. MQTT's own ceiling is a 268,435,455
+# byte remaining length plus the fixed header.
+MQTT_MAX_PACKET = 268_435_455 + 5
+MQTT_MIN_PACKET = 4096
+# Room around the payload: fixed header, topic, packet id and properties.
+PACKET_HEADROOM = 64 * 1024
+# A target sends us acknowledgements, never payloads (a stray PUBLISH is answered and
+# ignored): anything near this is a broken or hostile peer.
+TARGET_PACKET_LIMIT = 1024 * 1024
+
+
+def source_packet_limit(max_payload: int | None, max_inflight_bytes: int) -> int:
+    """The Maximum Packet Size announced to the source broker.
+
+    A message larger than the target takes would only be dead-lettered, and one larger
+    than the whole flow would be held alone: neither is worth buffering a packet for.
+    So memory is bounded by configuration, not by what a publisher sends.
+    """
+    payload = min(max_payload, max_inflight_bytes) if max_payload else max_inflight_bytes
+    return min(payload + PACKET_HEADROOM, MQTT_MAX_PACKET)
+
 
 @dataclass(frozen=True, slots=True)
 class TopicLimits:
@@ -36,6 +57,8 @@ class TopicLimits:
 
     def violation(self, topic: bytes, payload_size: int) -> str | None:
         """The reason the target can never take this message, or None."""
+        if not topic:  # a template can render one from an empty capture
+            return "invalid_topic: the target topic is empty"
         if self.max_payload is not None and payload_size > self.max_payload:
             return f"payload_too_large: {payload_size} bytes > {self.max_payload}"
         counted = _without_rules_prefix(topic)

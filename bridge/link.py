@@ -15,13 +15,14 @@ import contextlib
 import math
 import random
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import structlog
 
-from bridge.errors import ConnectionFailed
+from bridge.errors import ConnectionFailed, ProtocolViolation
 from bridge.failover import FAILBACK, Failover, Move, log_move
 from bridge.mqtt import Endpoint, Listener, SessionOptions
 from bridge.mqtt_codec import SESSION_TAKEN_OVER, Properties, Publish
@@ -45,6 +46,8 @@ class Connection(Protocol):
     disconnect_reason: int | None
     disconnect_detail: str
     ack_reason: str  # the last PUBACK's reason string
+    max_qos: int  # from the server's CONNACK (MQTT 5), else 1
+    protocol_error: str | None  # why we hung up on a peer that broke the protocol
 
     @property
     def is_open(self) -> bool: ...
@@ -98,6 +101,8 @@ class LinkStats:
     sessions_lost: int = 0  # source: reconnects that found no session
     oldest: float | None = None  # source: loop time the oldest unacknowledged message came
     received: int = 0  # source: messages this connection took
+    protocol_errors: dict[str, int] = field(default_factory=dict)
+    problem: str | None = None  # why it is down: readiness shows it
 
 
 class ConnectPacer:
@@ -152,13 +157,21 @@ class Link:
         connect_interval: float,
         factory: ConnectionFactory,
         failover: Failover | None = None,
+        connect_tries: int | None = None,
     ) -> None:
         self.index = index
         self.endpoint = endpoint
         self.options = options
         self.connect_timeout = connect_timeout
         self.reconnects = 0
-        self.last_error: str | None = None  # why the last connect failed
+        # Peers that broke the protocol, by what they did (metric label).
+        self.protocol_errors: Counter[str] = Counter()
+        self.problem: str | None = None  # the last connect failure, while down
+        # None: retry for ever (a worker waits for its broker). A number: give up after
+        # that many failed connects in a row (a one-shot tool such as replay).
+        self.connect_tries = connect_tries
+        self.gave_up: ConnectionFailed | None = None
+        self.failed = asyncio.Event()  # set when it gave up
         self._factory = factory
         self._pacer = ConnectPacer(connect_interval)
         self._stopping = False
@@ -175,6 +188,7 @@ class Link:
         backoff = Backoff()
         loop = asyncio.get_running_loop()
         short_lived = 0
+        failures = 0
         while not self._stopping:
             await self._pacer.wait()
             self._dialed, self.endpoint = self.failover.dial()
@@ -190,7 +204,13 @@ class Link:
                 await self._on_connect(conn)
             except ConnectionFailed as exc:
                 conn.abort()
-                self.last_error = str(exc)
+                self.problem = str(exc)
+                if isinstance(exc, ProtocolViolation):
+                    self.protocol_errors[exc.reason] += 1
+                failures += 1
+                if self.connect_tries is not None and failures >= self.connect_tries:
+                    self._give_up(exc, failures)
+                    return
                 delay = backoff.next_delay()
                 if reached:
                     self.failover.lost(self._dialed)
@@ -206,6 +226,8 @@ class Link:
                 )
                 await self._sleep(delay)
                 continue
+            failures = 0
+            self.problem = None
             up_since = loop.time()
             self._live = conn
             try:
@@ -213,6 +235,8 @@ class Link:
             finally:
                 self._live = None
                 self.failover.lost(self._dialed)
+            if conn.protocol_error is not None:
+                self.protocol_errors[conn.protocol_error] += 1
             stable = self._useful or loop.time() - up_since >= STABLE_AFTER
             taken_over = conn.disconnect_reason == SESSION_TAKEN_OVER
             if taken_over:
@@ -257,6 +281,11 @@ class Link:
         task = asyncio.get_running_loop().create_task(conn.disconnect())
         self._leaving.add(task)
         task.add_done_callback(self._leaving.discard)
+
+    def _give_up(self, exc: ConnectionFailed, tries: int) -> None:
+        self.gave_up = ConnectionFailed(f"{exc} (gave up after {tries} tries)")
+        self._log.error(f"{self.side}.gave_up", error=str(exc), tries=tries)
+        self.failed.set()
 
     # ---- mqtt.Listener: what every side answers --------------------------------------
 

@@ -61,14 +61,27 @@ class _StrictLoader(yaml.SafeLoader):
 def read_yaml(path: Path) -> dict[str, Any]:
     """The top-level mapping of one YAML file; ConfigError naming the file and line if not."""
     try:
-        text = path.read_text()
+        data = path.read_bytes()
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
-    loader = _StrictLoader(text)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path}: not UTF-8 text (at byte {exc.start})"]) from None
+    try:
+        # The reader checks the characters as it is built: NUL and friends raise here.
+        loader = _StrictLoader(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{path}: {explain_yaml_error(exc)}"]) from None
     try:
         raw = loader.get_single_data()
     except yaml.YAMLError as exc:
         raise ConfigError([f"{path}: {explain_yaml_error(exc)}"]) from None
+    except RecursionError:
+        raise ConfigError([f"{path}: nested too deeply"]) from None
+    except (ValueError, TypeError) as exc:
+        # PyYAML's constructors raise these for values such as the date 2023-13-45.
+        raise ConfigError([f"{path}: {exc} (quote the value if it is meant as text)"]) from None
     finally:
         loader.dispose()
     if loader.duplicates:
@@ -127,7 +140,9 @@ _PLAIN: tuple[tuple[str, str], ...] = (
 
 
 def explain_yaml_error(exc: yaml.YAMLError) -> str:
-    """``line L, column C: <plain words> (YAML: <the parser's words>)``."""
+    """``line L, column C: <plain words> (YAML: <the parser's words>)``: one line."""
+    if isinstance(exc, yaml.reader.ReaderError):
+        return f"character #x{exc.character:04x} is not allowed in YAML (at {exc.position})"
     problem = str(getattr(exc, "problem", None) or "")
     context = str(getattr(exc, "context", None) or "")
     plain = next(
@@ -145,7 +160,7 @@ def explain_yaml_error(exc: yaml.YAMLError) -> str:
             mark = opened  # the key without ':' is where the scan started, not where it gave up
     where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
     parser = ", ".join(part for part in (context, problem) if part) or str(exc)
-    return f"{where}{plain} (YAML: {parser})"
+    return f"{where}{plain} (YAML: {parser})".replace("\n", " ")
 
 
 # ---- environment -----------------------------------------------------------------------

@@ -18,7 +18,7 @@ from prometheus_client.registry import Collector
 
 from bridge import __version__
 from bridge.flow import Flow
-from bridge.reasons import DISCONNECT_REASONS, THROTTLE_REASONS
+from bridge.reasons import DISCONNECT_REASONS, PROTOCOL_ERROR_REASONS, THROTTLE_REASONS
 from bridge.stats import LATENCY_BUCKETS, Stats
 
 if TYPE_CHECKING:
@@ -212,11 +212,19 @@ class BridgeCollector(Collector):
             "Messages a source connection took (source.connections share a group's traffic).",
             labels=["direction", "connection"],
         )
+        protocol_errors = CounterMetricFamily(
+            "mqtt_bridge_protocol_errors",
+            "Connections we closed because the broker broke MQTT, by what it did.",
+            labels=["direction", "side", "connection", "reason"],
+        )
         for link in p.sources():
             state.add_metric([d, "source", str(link.index)], int(link.up))
             lost.add_metric([d, str(link.index)], link.sessions_lost)
             reconnects.add_metric([d, "source", str(link.index)], link.reconnects)
             received.add_metric([d, str(link.index)], link.received)
+            for reason in dict.fromkeys([*PROTOCOL_ERROR_REASONS, *link.protocol_errors]):
+                count = link.protocol_errors.get(reason, 0)
+                protocol_errors.add_metric([d, "source", str(link.index), reason], count)
         published = CounterMetricFamily(
             "mqtt_bridge_connection_published",
             "Messages a target connection got acknowledged.",
@@ -254,6 +262,9 @@ class BridgeCollector(Collector):
                 throttled.add_metric([d, i, reason], target.throttled.get(reason, 0))
             for reason in dict.fromkeys([*self.disconnect_reasons, *target.disconnects]):
                 disconnects.add_metric([d, i, reason], target.disconnects.get(reason, 0))
+            for reason in dict.fromkeys([*PROTOCOL_ERROR_REASONS, *target.protocol_errors]):
+                count = target.protocol_errors.get(reason, 0)
+                protocol_errors.add_metric([d, "target", i, reason], count)
         yield from (
             state,
             reconnects,
@@ -264,6 +275,7 @@ class BridgeCollector(Collector):
             throttled,
             disconnects,
             lost,
+            protocol_errors,
         )
 
     def _membership(self, d: str) -> Iterator[Metric]:

@@ -26,6 +26,10 @@ import structlog
 from bridge import mqtt_codec as codec
 from bridge.errors import ConnectionFailed, ConnectRefused, PacketTooLarge, ProtocolViolation
 from bridge.mqtt_codec import Properties, Publish
+from bridge.policy import connack_violation
+
+PACKET_TOO_LARGE = 0x95
+PROTOCOL_ERROR = 0x82
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +55,9 @@ class SessionOptions:
     password: bytes | None = None
     # Published by the broker when this connection ends without DISCONNECT 0x00.
     will: codec.Will | None = None
+    # The largest packet the broker may send us: announced (MQTT 5) and enforced on
+    # every read, so memory is bounded by this, not by what a publisher sends.
+    maximum_packet_size: int | None = None
 
 
 class Listener(Protocol):
@@ -79,6 +86,11 @@ class MqttConnection(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
         self._rbuf = bytearray()
+        self._limit = options.maximum_packet_size or codec.MAX_PACKET
+        # A refused PUBLISH (MQTT 3.1.1 only) whose bytes are still arriving: they are
+        # dropped as they come, and the message is reported once they are gone.
+        self._skip = 0
+        self._refused: Publish | None = None
         self._wbuf: list[bytes] = []
         self._flush_scheduled = False
         self._held: Publish | None = None
@@ -104,6 +116,7 @@ class MqttConnection(asyncio.Protocol):
         self._stopped = False
         self.max_qos = 1
         self.retain_available = True
+        self.protocol_error: str | None = None  # the metric label of a peer's violation
 
     # ---- lifecycle -------------------------------------------------------------
 
@@ -116,6 +129,8 @@ class MqttConnection(asyncio.Protocol):
                 props[codec.SESSION_EXPIRY] = opts.session_expiry
             if opts.receive_maximum:
                 props[codec.RECEIVE_MAXIMUM] = opts.receive_maximum
+            if opts.maximum_packet_size:
+                props[codec.MAXIMUM_PACKET_SIZE] = opts.maximum_packet_size
         try:
             async with asyncio.timeout(timeout):
                 await self._loop.create_connection(
@@ -161,6 +176,10 @@ class MqttConnection(asyncio.Protocol):
             raise ConnectRefused(code, reason, codec.explain(ack.properties))
         self.session_present = ack.session_present
         self.server_properties = ack.properties or {}
+        violation = connack_violation(self.server_properties)
+        if violation is not None:
+            self._violated(ProtocolViolation(violation[0], violation[1]), PROTOCOL_ERROR)
+            raise ProtocolViolation(violation[0], violation[1])
         self._connected = True
         # What the server says it cannot take (MQTT 5 CONNACK): respected on publish.
         self.max_qos = int(self.server_properties.get(codec.MAXIMUM_QOS, 1))
@@ -229,9 +248,9 @@ class MqttConnection(asyncio.Protocol):
         """Queue a PUBLISH; returns its packet id (0 for QoS 0). PUBACK comes via the listener.
 
         Raises PacketTooLarge, before anything is sent, when the server announced a
-        smaller Maximum Packet Size (sending it would be a protocol error).
+        smaller Maximum Packet Size (sending it would be a protocol error). The QoS is
+        never lowered here: the owner refuses a server whose Maximum QoS is too low.
         """
-        qos = min(qos, self.max_qos)
         retain = retain and self.retain_available
         packet_id = self._next_free_packet_id() if qos else 0
         packet = codec.encode_publish(
@@ -276,8 +295,8 @@ class MqttConnection(asyncio.Protocol):
 
     @property
     def has_unread(self) -> bool:
-        """Messages received but not processed (held, or bytes not yet parsed)."""
-        return self._held is not None or bool(self._rbuf)
+        """Messages received but not processed (held, being skipped, or not yet parsed)."""
+        return self._held is not None or bool(self._rbuf) or self._refused is not None
 
     # ---- internals ---------------------------------------------------------------
 
@@ -354,17 +373,33 @@ class MqttConnection(asyncio.Protocol):
         buf = self._rbuf
         size = len(buf)
         pos = 0
+        limit = self._limit
         try:
+            if self._refused is not None and not self._skip:
+                # A refused packet's last byte has gone: it is next in line.
+                refused, self._refused = self._refused, None
+                self._on_publish(refused)
             split = codec.split_packet
             while self._held is None and (found := split(buf, pos, size)) is not None:
                 first, start, end = found
+                if end - pos > limit:  # it fit in one read, but it is still too large
+                    pos = self._too_large(first, pos, start, end, size)
+                    if self._closing_error is not None:
+                        return
+                    continue
                 pos = end
                 if first >> 4 == codec.PUBLISH:
                     self._on_publish(codec.decode_publish_at(buf, first, start, end, self.protocol))
                 else:
                     self._dispatch(first, bytes(buf[start:end]))
+            if self._held is None and pos < size:
+                # An incomplete packet: refuse it by its announced length, before it is in.
+                extent = codec.packet_extent(buf, pos, size)
+                if extent is not None and extent[2] - pos > limit:
+                    pos = self._too_large(extent[0], pos, extent[1], extent[2], size)
         except (codec.MalformedPacket, IndexError, struct.error) as exc:
             self._closing_error = ProtocolViolation(f"malformed packet from the broker: {exc}")
+            self.protocol_error = "malformed_packet"
             self.abort()
         except Exception as exc:
             # A bug of ours must not vanish into asyncio's handler: say so and drop the
@@ -377,6 +412,51 @@ class MqttConnection(asyncio.Protocol):
         finally:
             if pos:
                 del buf[:pos]
+
+    def _too_large(self, first: int, pos: int, start: int, end: int, size: int) -> int:
+        """A packet over our Maximum Packet Size; returns how far the buffer is consumed.
+
+        MQTT 5 makes it a protocol error (DISCONNECT 0x95): a broker that honours the
+        size we announced drops such a message on its side and never sends it. MQTT
+        3.1.1 has no way to announce a size, so a PUBLISH is skipped as it arrives and
+        reported as refused (the bridge dead-letters it without its payload and
+        acknowledges it): the stream keeps flowing and nothing is buffered.
+        """
+        if self.protocol == codec.PROTOCOL_5 or first >> 4 != codec.PUBLISH:
+            error = ProtocolViolation(
+                f"the broker sent a packet of {end - pos} bytes, over the Maximum Packet "
+                f"Size {self._limit} (max_packet_size)",
+                "packet_too_large",
+            )
+            self._violated(error, PACKET_TOO_LARGE)
+            return size
+        head = codec.publish_head(self._rbuf, first, start, end, size)
+        if head is None:
+            return pos  # wait for the topic (at most 64 KiB), then skip the rest
+        topic, packet_id = head
+        if (first >> 1) & 0x03 == 2:
+            raise codec.MalformedPacket("QoS 2 PUBLISH on a subscription granted QoS <= 1")
+        refused = Publish(
+            topic, b"", (first >> 1) & 0x03, bool(first & 0x01), bool(first & 0x08), packet_id,
+            None, f"packet_too_large: {end - pos} bytes > {self._limit} (payload not kept)",
+        )  # fmt: skip
+        self._refused = refused
+        if end <= size:
+            self._refused = None
+            self._on_publish(refused)
+            return end
+        self._skip = end - size
+        return size
+
+    def _violated(self, error: ProtocolViolation, reason_code: int) -> None:
+        """The broker broke the protocol: say so (MQTT 5 DISCONNECT) and close."""
+        self._closing_error = error
+        self.protocol_error = error.reason
+        if self._transport is None or self._transport.is_closing():
+            return
+        self._send(codec.encode_disconnect(self.protocol, reason_code=reason_code))
+        self._flush()
+        self._transport.close()
 
     def _on_publish(self, msg: Publish) -> None:
         if msg.qos == 2:
@@ -433,6 +513,15 @@ class MqttConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._last_rx = self._loop.time()
+        if self._closing_error is not None:
+            return  # we are hanging up on this peer
+        if self._skip:
+            # The bytes of a refused packet: dropped as they come, never buffered.
+            n = min(self._skip, len(data))
+            self._skip -= n
+            if self._skip:
+                return
+            data = data[n:]
         self._rbuf += data
         if self._held is None and not self._stopped:
             self._parse()

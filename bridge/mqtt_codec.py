@@ -14,6 +14,8 @@ from typing import Any
 
 PROTOCOL_311 = 4
 PROTOCOL_5 = 5
+# The largest packet MQTT can express: a 268,435,455 byte body and its fixed header.
+MAX_PACKET = 268_435_455 + 5
 
 CONNECT = 1
 CONNACK = 2
@@ -336,8 +338,11 @@ def encode_disconnect(
 ) -> bytes:
     if protocol != PROTOCOL_5 or (session_expiry is None and not reason_code):
         return b"\xe0\x00"
-    props = {SESSION_EXPIRY: session_expiry} if session_expiry is not None else None
-    return _packet(DISCONNECT << 4, bytes((reason_code,)) + encode_properties(props))
+    if session_expiry is None:
+        # Remaining Length 1: the property length may be left out (MQTT 5, 3.14.2.2).
+        return _packet(DISCONNECT << 4, bytes((reason_code,)))
+    props = encode_properties({SESSION_EXPIRY: session_expiry})
+    return _packet(DISCONNECT << 4, bytes((reason_code,)) + props)
 
 
 @dataclass(slots=True)
@@ -351,6 +356,9 @@ class Publish:
     dup: bool
     packet_id: int
     properties: Properties | None
+    # Set when the connection refused the packet (larger than it may buffer): the
+    # payload was skipped, unread; only the topic and packet id are known.
+    refused: str | None = None
 
 
 @dataclass(slots=True)
@@ -385,6 +393,47 @@ def split_packet(
     if end > size:
         return None
     return buf[pos], start, end
+
+
+def packet_extent(buf: bytes | bytearray, pos: int, size: int) -> tuple[int, int, int] | None:
+    """Like ``split_packet``, but as soon as the fixed header is in: ``(first_byte,
+    body_start, packet_end)`` with ``packet_end`` possibly beyond ``size``. Lets a reader
+    refuse a packet by its announced length before buffering it."""
+    length = shift = 0
+    for i in range(pos + 1, pos + 5):
+        if i >= size:
+            return None
+        byte = buf[i]
+        length |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return buf[pos], i + 1, i + 1 + length
+        shift += 7
+    raise MalformedPacket("variable byte integer longer than 4 bytes")
+
+
+def publish_head(
+    buf: bytes | bytearray, first: int, start: int, end: int, size: int
+) -> tuple[str, int] | None:
+    """Topic and packet id of a PUBLISH whose body starts at ``start`` and ends at
+    ``end``, of which ``buf[:size]`` has arrived; None until they are in. At most
+    65,539 bytes of the body are needed, whatever the packet's length."""
+    if size - start < 2:
+        return None
+    head_end = start + 2 + ((buf[start] << 8) | buf[start + 1])
+    qos = (first >> 1) & 0x03
+    if qos == 3:
+        raise MalformedPacket("PUBLISH with QoS 3")
+    pid_end = head_end + (2 if qos else 0)
+    if pid_end > end:
+        raise MalformedPacket("packet ends inside the topic")
+    if pid_end > size:
+        return None
+    try:
+        topic = bytes(buf[start + 2 : head_end]).decode()
+    except UnicodeDecodeError as exc:
+        raise MalformedPacket("topic is not valid UTF-8") from exc
+    packet_id = (buf[head_end] << 8) | buf[head_end + 1] if qos else 0
+    return topic, packet_id
 
 
 def decode_publish(first: int, body: bytes, protocol: int) -> Publish:

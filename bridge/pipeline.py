@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from typing import Any
 
@@ -26,6 +27,7 @@ from bridge.archive import ARCHIVE, S3Archive
 from bridge.cohort import CohortGate
 from bridge.config import HOP_MARKER, BridgeConfig
 from bridge.deadletter import ArchiveDeadLetters, DeadLetterSink, LogDeadLetters
+from bridge.errors import StartupError
 from bridge.failover import failover_metrics
 from bridge.flow import Flow, WhenFull
 from bridge.http import HttpServer, probe_handlers
@@ -36,7 +38,7 @@ from bridge.outcome import DELIVERED, EXPIRED, Outcome
 from bridge.policy import POISON_DROPS
 from bridge.reasons import dead_letter_reasons
 from bridge.release import Releasable, Releaser
-from bridge.routing import TopicFilter, TopicTemplate
+from bridge.routing import TopicFilter, TopicTemplate, topic_name_problem
 from bridge.stats import Stats
 from bridge.target import Target
 from bridge.watchdog import Watchdog
@@ -198,6 +200,14 @@ class Bridge:
             self.stats.dropped[(route_index, "loop")] += 1
             pending.finish()
             return True
+        # Refused by the connection (too large), or a name no target can take.
+        problem = msg.refused or topic_name_problem(
+            msg.topic, props.get(codec.TOPIC_ALIAS) if props else None
+        )
+        if problem is not None:
+            env = self._envelope(msg, pending, msg.topic, None, 0, None, now)
+            self._dead_letter(env, problem, problem.split(":", 1)[0])
+            return True
         if found is None:
             env = self._envelope(msg, pending, msg.topic, None, 0, None, now)
             self._dead_letter(env, "no route matches the topic", "no_route")
@@ -329,10 +339,14 @@ class Bridge:
 
     def readiness(self) -> dict[str, Any]:
         """What /readyz answers: ready, and the facts it is made of."""
+        sources, targets = self.source.connections(), self.target.connections()
+        links = [("source", c) for c in sources] + [("target", c) for c in targets]
         state = {
             "ready": self.ready,
             "source_subscribed": self.source.subscribed,
-            "target_connected": [c.up for c in self.target.connections()],
+            "target_connected": [c.up for c in targets],
+            # Why a connection is down, in the words of its last failure.
+            "problems": [f"{side} {c.index}: {c.problem}" for side, c in links if c.problem],
         }
         if self.heartbeat is not None:
             state["heartbeat"] = self.heartbeat.state()
@@ -340,6 +354,14 @@ class Bridge:
 
     async def __aenter__(self) -> Bridge:
         await self._stack.__aenter__()
+        try:
+            await self._enter()
+        except BaseException:
+            await self._stack.aclose()
+            raise
+        return self
+
+    async def _enter(self) -> None:
         await self._stack.enter_async_context(self.watchdog)
         listen = self.cfg.http.host_port
         if listen is not None and self.worker:
@@ -367,7 +389,13 @@ class Bridge:
                 lambda: self.watchdog.healthy,
                 self.readiness,
             )
-            await self._stack.enter_async_context(HttpServer(listen[0], listen[1], handlers))
+            try:
+                await self._stack.enter_async_context(HttpServer(listen[0], listen[1], handlers))
+            except OSError as exc:  # in use, or not an address of this host
+                why = os.strerror(exc.errno) if exc.errno else str(exc)
+                raise StartupError(
+                    f"http.listen {self.cfg.http.listen}: cannot listen: {why}"
+                ) from None
         if self.archive is not None:
             await self._stack.enter_async_context(self.archive)
         if self.registry is not None:
@@ -382,7 +410,6 @@ class Bridge:
             if self.heartbeat is not None:
                 await self._stack.enter_async_context(self.heartbeat)
             await self._stack.enter_async_context(self.releaser)
-        return self
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self._stack.__aexit__(None, None, None)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from bridge import mqtt_codec as codec
 from bridge.outcome import DELIVERED, Outcome
 
 # A message alone in flight this many times when the target dropped the connection is
@@ -89,4 +90,45 @@ def on_connection_lost(
         strike=strike,
         probe=probe,
         canary=probe and fault,
+    )
+
+
+# ---- what a broker's CONNACK allows ------------------------------------------------
+
+
+def connack_violation(props: codec.Properties) -> tuple[str, str] | None:
+    """A CONNACK property MQTT 5 forbids: (what is wrong, metric label), or None.
+
+    Each is a protocol error the client must answer with DISCONNECT 0x82, not a value
+    to live with: a Receive Maximum of 0 as a window would stall every message forever.
+    """
+    if props.get(codec.RECEIVE_MAXIMUM) == 0:
+        return "the broker announced Receive Maximum 0, a protocol error", "receive_maximum_zero"
+    max_qos = props.get(codec.MAXIMUM_QOS)
+    if max_qos is not None and max_qos not in (0, 1):
+        return f"the broker announced Maximum QoS {max_qos}, a protocol error", "bad_maximum_qos"
+    if props.get(codec.MAXIMUM_PACKET_SIZE) == 0:
+        return (
+            "the broker announced Maximum Packet Size 0, a protocol error",
+            "bad_maximum_packet_size",
+        )
+    retain = props.get(codec.RETAIN_AVAILABLE)
+    if retain is not None and retain not in (0, 1):
+        return f"the broker announced Retain Available {retain}, a protocol error", "bad_retain"
+    return None
+
+
+def qos_refusal(server_max_qos: int, needed_qos: int) -> str | None:
+    """Why a target connection must not be used, or None.
+
+    A target that takes only QoS 0 would turn every QoS 1 copy into fire-and-forget and
+    the source would be acknowledged at once: at-least-once gone without a word. Refuse
+    instead, and say what to change.
+    """
+    if server_max_qos >= needed_qos:
+        return None
+    return (
+        f"the target accepts only QoS {server_max_qos} (Maximum QoS in its CONNACK) but "
+        f"routes ask for QoS {needed_qos}: set qos: {server_max_qos} on those routes to "
+        "accept losing messages, or use a target that takes QoS 1"
     )

@@ -20,6 +20,16 @@ PUBACK_FAILURES = (0x80, 0x83, 0x87, 0x90, 0x91, 0x99)
 NO_ROUTE = "no_route"  # counted on the first route: a message no route matches has no route
 
 THROTTLE_REASONS = ("quota_exceeded", "disconnect_quota_exceeded")
+# What a peer that breaks MQTT can do to a connection (protocol_errors_total{reason}):
+# policy.connack_violation's labels, an oversize packet, malformed bytes.
+PROTOCOL_ERROR_REASONS = (
+    "malformed_packet",
+    "packet_too_large",
+    "receive_maximum_zero",
+    "bad_maximum_qos",
+    "bad_maximum_packet_size",
+    "bad_retain",
+)
 
 # DISCONNECT reasons from a target worth an alert or a look (names as in reason_name()).
 DISCONNECT_REASONS = (

@@ -15,6 +15,24 @@ from functools import cache
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 
 
+def topic_name_problem(topic: str, topic_alias: int | None = None) -> str | None:
+    """Why a received topic name can never be published anywhere, or None (MQTT 4.7).
+
+    A broker must not deliver such a name, but a broken one does; forwarded, it makes
+    the target disconnect again and again. The reason starts with its metric label.
+    """
+    if topic_alias is not None:
+        # We announce no Topic Alias Maximum, so no alias can refer to anything.
+        return f"invalid_topic: topic alias {topic_alias}, which we never allowed"
+    if not topic:
+        return "invalid_topic: empty topic name"
+    if "+" in topic or "#" in topic:
+        return "invalid_topic: a wildcard ('+' or '#') in a topic name"
+    if "\x00" in topic:
+        return "invalid_topic: a NUL character in the topic name"
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class TopicFilter:
     text: str
@@ -76,6 +94,8 @@ class TopicTemplate:
     def parse(cls, text: str, source: TopicFilter) -> TopicTemplate:
         if not text:
             raise ValueError("empty target topic")
+        if "\x00" in text:
+            raise ValueError("target topic contains a NUL character")
         if "+" in text or "#" in text:
             raise ValueError("a target topic cannot contain the wildcards '+' or '#'")
         parts: list[str | int] = []

@@ -67,7 +67,7 @@ async def _registry(cfg: BridgeConfig, seen: list[Seen]) -> AsyncIterator[Regist
             async with asyncio.timeout(src.connect_timeout + 1):
                 await link.ready.wait()
         except TimeoutError:
-            why = link.last_error or f"no answer within {src.connect_timeout + 1:g} s"
+            why = link.problem or f"no answer within {src.connect_timeout + 1:g} s"
             raise Unreachable(f"cannot reach the source broker: {why}") from None
         count = -1
         while count != len(seen):  # until no record arrived for QUIET

@@ -80,6 +80,8 @@ class SourceLink(Link):
             sessions_lost=self.sessions_lost,
             oldest=min(times) if times else None,
             received=received,
+            protocol_errors=dict(self.protocol_errors),
+            problem=self.problem,
         )
 
     # ---- link hooks ----------------------------------------------------------------

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 from bridge import mqtt_codec as codec
 from bridge.acks import INTERNAL
-from bridge.errors import PacketTooLarge
+from bridge.errors import ConnectionFailed, PacketTooLarge
 from bridge.failover import Failover
 from bridge.link import Connection, ConnectionFactory, Link, LinkStats
 from bridge.message import Envelope
@@ -31,7 +31,13 @@ from bridge.mqtt import Endpoint, MqttConnection, SessionOptions
 from bridge.mqtt_codec import Publish
 from bridge.outcome import DELIVERED, EXPIRED, POISON, TOO_LARGE, UNENCODABLE, Outcome
 from bridge.pacing import Pacer, Pacing
-from bridge.policy import POISON_DROPS, on_connection_lost, puback_outcome, remaining_expiry
+from bridge.policy import (
+    POISON_DROPS,
+    on_connection_lost,
+    puback_outcome,
+    qos_refusal,
+    remaining_expiry,
+)
 from bridge.service import Service
 
 OnDone = Callable[[Envelope, Outcome], None]
@@ -86,10 +92,20 @@ class TargetLink(Link):
         factory: ConnectionFactory = MqttConnection,
         canary: tuple[bytes, codec.Properties | None] | None = None,
         failover: Failover | None = None,
+        needed_qos: int = 1,
+        connect_tries: int | None = None,
     ) -> None:
         super().__init__(
-            index, endpoint, options, connect_timeout, pacing.connect_interval, factory, failover
+            index,
+            endpoint,
+            options,
+            connect_timeout,
+            pacing.connect_interval,
+            factory,
+            failover,
+            connect_tries,
         )
+        self.needed_qos = needed_qos
         # (topic, properties) of the canary publish that proves a connection before a
         # suspect message is blamed for breaking it (policy.on_connection_lost).
         self._canary = canary
@@ -127,6 +143,8 @@ class TargetLink(Link):
             self.pacer.rate_limit,
             dict(self.throttled),
             dict(self.disconnects),
+            protocol_errors=dict(self.protocol_errors),
+            problem=self.problem,
         )
 
     def submit(self, env: Envelope) -> None:
@@ -222,6 +240,12 @@ class TargetLink(Link):
     # ---- link hooks ----------------------------------------------------------------
 
     async def _on_connect(self, conn: Connection) -> None:
+        refusal = qos_refusal(conn.max_qos, self.needed_qos)
+        if refusal is not None:
+            # Not a connection to publish on: the link backs off and tries again (the
+            # target may be reconfigured); readiness and the log say why.
+            await conn.disconnect()
+            raise ConnectionFailed(refusal)
         self.conn = conn
         self._writable = True
         self._proven = False
@@ -390,6 +414,16 @@ class TargetPool(Service):
     def repace(self, pacing: Pacing) -> None:
         for link in self.links:
             link.repace(pacing)
+
+    async def wait_failed(self) -> ConnectionFailed:
+        """Wait until a connection gives up (only with ``connect_tries``); its error."""
+        waits = [asyncio.ensure_future(link.failed.wait()) for link in self.links]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
+        return next(link.gave_up for link in self.links if link.gave_up is not None)
 
     async def close(self) -> None:
         await asyncio.gather(*(link.close() for link in self.links))

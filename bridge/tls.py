@@ -24,7 +24,15 @@ def client_context(
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     if cert_file is not None:
         try:
-            context.load_cert_chain(str(cert_file), str(key_file) if key_file else None)
+            context.load_cert_chain(
+                str(cert_file), str(key_file) if key_file else None, password=_no_passphrase
+            )
+        except _Encrypted:
+            key = key_file or cert_file
+            raise ValueError(
+                f"key_file {key}: the private key is encrypted; the bridge reads keys "
+                f"without a passphrase (decrypt it: openssl pkey -in {key} -out NEW_FILE)"
+            ) from None
         except (ssl.SSLError, OSError) as exc:
             raise ValueError(
                 f"cert_file {cert_file} / key_file {key_file}: cannot load the client "
@@ -33,6 +41,16 @@ def client_context(
     if alpn:
         context.set_alpn_protocols(alpn)
     return context
+
+
+class _Encrypted(Exception):
+    pass
+
+
+def _no_passphrase() -> str:
+    # Called only for an encrypted key. Without a callback OpenSSL would prompt on the
+    # terminal and block the start; a worker has nobody to type a passphrase.
+    raise _Encrypted
 
 
 def _why(exc: BaseException) -> str:

@@ -67,7 +67,9 @@ def make_failback(
 
 def password_of(broker: BrokerConfig) -> bytes | None:
     secret = broker.password
-    return secret.get_secret_value().encode() if secret is not None else None
+    if secret is None:
+        return None
+    return secret.get_secret_value().encode("utf-8", "surrogateescape")  # the file's bytes
 
 
 def probe_of(cfg: BridgeConfig) -> tuple[bytes, codec.Properties | None]:
@@ -83,8 +85,13 @@ def make_target(
     client_tag: str = "tgt",
     factory: ConnectionFactory = MqttConnection,
     failover: Failover | None = None,
+    needed_qos: int | None = None,
+    connect_tries: int | None = None,
 ) -> TargetPool:
-    """The target connections of ``cfg``: paced, windowed, one client id each."""
+    """The target connections of ``cfg``: paced, windowed, one client id each.
+
+    ``needed_qos``: the highest QoS that will be published (default: the routes');
+    ``connect_tries``: give up after this many failed connects in a row (replay)."""
     tgt = cfg.target
     failover = failover or make_failover("target", tgt)
     endpoint = failover.endpoints[0]
@@ -105,6 +112,7 @@ def make_target(
                     keepalive=tgt.keepalive,
                     username=tgt.username,
                     password=password_of(tgt),
+                    maximum_packet_size=cfg.packet_limit("target"),
                 ),
                 window=min(cfg.flow.max_inflight, limits.inflight or 65535),
                 connect_timeout=tgt.connect_timeout,
@@ -113,6 +121,8 @@ def make_target(
                 factory=factory,
                 canary=probe_of(cfg),
                 failover=failover,
+                needed_qos=max(r.qos for r in cfg.routes) if needed_qos is None else needed_qos,
+                connect_tries=connect_tries,
             )
             for i in range(tgt.connections)
         ]
@@ -133,6 +143,7 @@ def source_session(cfg: BridgeConfig, client_id: str, registry: Registry | None)
         username=src.username,
         password=password_of(src),
         will=registry.will(client_id) if registry is not None else None,
+        maximum_packet_size=cfg.packet_limit("source"),
     )
 
 

@@ -1,5 +1,7 @@
 """Peers a real broker cannot play on demand: a fake MQTT 5 target that answers with
-chosen reason codes, and a proxy that timestamps every PUBLISH a client sends.
+chosen reason codes (and CONNACK properties), a fake source that sends PUBLISH packets
+no real broker would (bad topics, aliases, oversize), and a proxy that timestamps every
+PUBLISH a client sends.
 
 Both run their own event loop in a thread, so blocking test code can drive them.
 They use the bridge's framing function only to split the byte stream into packets;
@@ -71,6 +73,8 @@ class FakeTarget:
 
     decide: Callable[[int, str, bytes], Decision] = lambda n, topic, payload: 0
     receive_maximum: int = 100
+    # More CONNACK properties (property id -> value), e.g. {MAXIMUM_QOS: 0}.
+    connack: dict[int, Any] = field(default_factory=dict)
     accepted: list[tuple[str, bytes]] = field(default_factory=list)
     answers: list[int] = field(default_factory=list)
     connects: list[str] = field(default_factory=list)
@@ -144,7 +148,9 @@ class FakeTarget:
         kind = first >> 4
         if kind == codec.CONNECT:
             self.connects.append(_client_id(body))
-            props = codec.encode_properties({codec.RECEIVE_MAXIMUM: self.receive_maximum})
+            props = codec.encode_properties(
+                {codec.RECEIVE_MAXIMUM: self.receive_maximum, **self.connack}
+            )
             payload = b"\x00\x00" + props
             writer.write(bytes((0x20,)) + codec.encode_varint(len(payload)) + payload)
         elif kind == codec.PUBLISH:
@@ -183,6 +189,105 @@ class FakeTarget:
         elif kind == codec.DISCONNECT:
             return False
         return True
+
+
+@dataclass
+class FakeSource:
+    """An MQTT 5 server that answers every SUBSCRIBE, then sends ``script`` (raw packets,
+    once, to the first subscriber) and records what the client answers."""
+
+    script: list[bytes] = field(default_factory=list)
+    connects: list[bytes] = field(default_factory=list)  # CONNECT bodies
+    pubacks: list[int] = field(default_factory=list)
+    disconnects: list[int] = field(default_factory=list)  # DISCONNECT reason codes
+    port: int = 0
+
+    def __post_init__(self) -> None:
+        self._runner = _LoopThread()
+        self._sent = False
+        self._writers: list[asyncio.StreamWriter] = []
+
+    def __enter__(self) -> FakeSource:
+        self._runner.start()
+        self._server = self._runner.call(self._start())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._runner.call(self._stop())
+        self._runner.stop()
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    async def _start(self) -> asyncio.Server:
+        server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = server.sockets[0].getsockname()[1]
+        return server
+
+    async def _stop(self) -> None:
+        self._server.close()
+        for writer in self._writers:
+            writer.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.append(writer)
+        buf = bytearray()
+        try:
+            while data := await reader.read(65536):
+                buf += data
+                while (found := codec.split_packet(buf, 0)) is not None:
+                    first, start, end = found
+                    body = bytes(buf[start:end])
+                    del buf[:end]
+                    await self._handle(first >> 4, body, writer)
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    async def _handle(self, kind: int, body: bytes, writer: asyncio.StreamWriter) -> None:
+        if kind == codec.CONNECT:
+            self.connects.append(body)
+            writer.write(b"\x20\x03\x00\x00\x00")  # success, no properties
+        elif kind == codec.SUBSCRIBE:
+            payload = body[:2] + b"\x00" + bytes([1] * _filters(body))  # all granted QoS 1
+            writer.write(bytes((0x90,)) + codec.encode_varint(len(payload)) + payload)
+            await writer.drain()
+            if not self._sent:
+                self._sent = True
+                for packet in self.script:
+                    writer.write(packet)
+                    await writer.drain()
+        elif kind == codec.UNSUBSCRIBE:
+            writer.write(b"\xb0\x03" + body[:2] + b"\x00")
+        elif kind == codec.PUBACK:
+            self.pubacks.append(struct.unpack_from("!H", body)[0])
+        elif kind == codec.PINGREQ:
+            writer.write(b"\xd0\x00")
+        elif kind == codec.DISCONNECT:
+            self.disconnects.append(body[0] if body else 0)
+        await writer.drain()
+
+
+def _filters(subscribe_body: bytes) -> int:
+    """How many topic filters an MQTT 5 SUBSCRIBE carries."""
+    length, pos = codec.decode_varint(subscribe_body, 2) or (0, 2)
+    pos += length
+    count = 0
+    while pos < len(subscribe_body):
+        (size,) = struct.unpack_from("!H", subscribe_body, pos)
+        pos += 2 + size + 1
+        count += 1
+    return count
+
+
+def publish_packet(
+    topic: bytes, payload: bytes, packet_id: int, properties: dict[int, Any] | None = None
+) -> bytes:
+    """A QoS 1 MQTT 5 PUBLISH with any topic bytes, valid or not (the codec checks nothing
+    when encoding)."""
+    return codec.encode_publish(topic, payload, 1, False, packet_id, codec.PROTOCOL_5, properties)
 
 
 class CountingProxy:

@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bridge import mqtt_codec as codec
-from bridge.errors import ConnectionFailed
+from bridge.errors import ConnectionFailed, ProtocolViolation
 from bridge.mqtt import Endpoint, MqttConnection, SessionOptions
 from bridge.mqtt_codec import Publish
 
@@ -241,3 +241,167 @@ async def test_silent_broker_times_out_connect() -> None:
 def test_truncated_properties_are_malformed_not_a_crash(body: bytes) -> None:
     with pytest.raises(codec.MalformedPacket):
         codec.decode_ack(codec.PUBACK, body, codec.PROTOCOL_5)
+
+
+# ---- a broker that sends what it must not: bounded reads, protocol answers ---------------
+
+
+class ChunkedBroker:
+    """CONNACK with chosen properties, then ``size`` bytes of one PUBLISH written from a
+    generator in 64 KiB pieces, then ``after`` (whole packets); records what it receives."""
+
+    def __init__(self, head: bytes, size: int, after: bytes = b"", connack: bytes = b"") -> None:
+        self.head, self.size, self.after = head, size, after
+        self.connack = connack or b"\x20\x03\x00\x00\x00"
+        self.received = bytearray()
+        self._server = fake_server(self._serve)
+
+    async def __aenter__(self) -> int:
+        return await self._server.__aenter__()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._server.__aexit__(None, None, None)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.received += await reader.read(1024)  # CONNECT
+        listening = asyncio.ensure_future(self._listen(reader))
+        try:
+            writer.write(self.connack)
+            if self.head:
+                writer.write(self.head)
+                piece = b"p" * 65536
+                for sent in range(0, self.size, len(piece)):
+                    writer.write(piece[: min(len(piece), self.size - sent)])
+                    await writer.drain()
+                writer.write(self.after)
+            await writer.drain()
+        finally:
+            await listening
+
+    async def _listen(self, reader: asyncio.StreamReader) -> None:
+        with contextlib.suppress(ConnectionError):
+            while data := await reader.read(1024):
+                self.received += data
+
+
+def publish_head(topic: bytes, size: int, packet_id: int) -> bytes:
+    """The fixed header, topic and packet id of a QoS 1 MQTT 3.1.1 PUBLISH of ``size``
+    payload bytes; the payload follows separately."""
+    variable = len(topic).to_bytes(2, "big") + topic + packet_id.to_bytes(2, "big")
+    return b"\x32" + codec.encode_varint(len(variable) + size) + variable
+
+
+async def test_oversize_publish_over_311_is_skipped_unbuffered_and_reported() -> None:
+    """MQTT 3.1.1 cannot announce a size: the packet is skipped as it arrives, and
+    reported as refused (topic and packet id only) in its place in line."""
+    import tracemalloc
+
+    options = SessionOptions(
+        client_id="t", protocol=codec.PROTOCOL_311, clean_start=True, keepalive=0,
+        maximum_packet_size=64 * 1024,
+    )  # fmt: skip
+    after = codec.encode_publish(b"t/after", b"ok", 1, False, 8, codec.PROTOCOL_311)
+    recorder = Recorder()
+    tracemalloc.start()
+    try:
+        async with ChunkedBroker(publish_head(b"t/big", 8 * 1024 * 1024, 7), 8 * 1024 * 1024,
+                                 after) as port:  # fmt: skip
+            conn = MqttConnection(options, recorder)
+            await conn.connect(Endpoint("127.0.0.1", port))
+            tracemalloc.reset_peak()
+            for _ in range(500):
+                if len(recorder.messages) == 2:
+                    break
+                await asyncio.sleep(0.01)
+            peak = tracemalloc.get_traced_memory()[1]
+            await conn.disconnect()
+    finally:
+        tracemalloc.stop()
+    refused, normal = recorder.messages
+    assert (refused.topic, refused.packet_id, refused.qos, refused.payload) == ("t/big", 7, 1, b"")
+    assert refused.refused is not None
+    # 1 + 4 (fixed header) + 2 + 5 (topic) + 2 (packet id) + 8 MiB
+    assert refused.refused == "packet_too_large: 8388622 bytes > 65536 (payload not kept)"
+    assert (normal.topic, normal.payload, normal.refused) == ("t/after", b"ok", None)
+    assert peak < 1024 * 1024, peak  # 8 MiB went past; at most a few reads were held
+
+
+async def test_oversize_packet_over_5_is_a_protocol_error_answered_with_0x95() -> None:
+    options = SessionOptions(
+        client_id="t", protocol=codec.PROTOCOL_5, clean_start=True, keepalive=0,
+        maximum_packet_size=64 * 1024,
+    )  # fmt: skip
+    recorder = Recorder()
+    # A MQTT 5 PUBLISH header (property length 0) announcing 200 MiB; 1 MiB of it is sent.
+    head = publish_head(b"t/big", 200 * 1024 * 1024, 7) + b"\x00"
+    broker = ChunkedBroker(head, 1024 * 1024)
+    async with broker as port:
+        conn = MqttConnection(options, recorder)
+        await conn.connect(Endpoint("127.0.0.1", port))
+        error = await asyncio.wait_for(recorder.lost, 5)
+        for _ in range(100):
+            if b"\xe0\x01\x95" in broker.received:
+                break
+            await asyncio.sleep(0.01)
+    assert b"\xe0\x01\x95" in broker.received  # DISCONNECT: packet too large
+    assert isinstance(error, ProtocolViolation)
+    assert error.reason == "packet_too_large"
+    assert "over the Maximum Packet Size 65536" in str(error)
+    assert conn.protocol_error == "packet_too_large"
+    assert recorder.messages == []
+
+
+async def test_connect_announces_the_maximum_packet_size() -> None:
+    options = SessionOptions(
+        client_id="t", protocol=codec.PROTOCOL_5, clean_start=True, keepalive=0,
+        maximum_packet_size=70000,
+    )  # fmt: skip
+    broker = ChunkedBroker(b"", 0)
+    async with broker as port:
+        conn = MqttConnection(options, Recorder())
+        await conn.connect(Endpoint("127.0.0.1", port))
+        await conn.disconnect()
+    found = codec.split_packet(broker.received, 0)
+    assert found is not None
+    props, _ = codec.decode_properties(bytes(broker.received[found[1] : found[2]]), 10)
+    assert props is not None
+    assert props[codec.MAXIMUM_PACKET_SIZE] == 70000
+
+
+@pytest.mark.parametrize(
+    ("props", "reason"),
+    [
+        ({codec.RECEIVE_MAXIMUM: 0}, "receive_maximum_zero"),
+        ({codec.MAXIMUM_QOS: 2}, "bad_maximum_qos"),
+        ({codec.MAXIMUM_PACKET_SIZE: 0}, "bad_maximum_packet_size"),
+        ({codec.RETAIN_AVAILABLE: 7}, "bad_retain"),
+    ],
+)
+async def test_connack_protocol_errors_are_answered_with_0x82(
+    props: dict[int, int], reason: str
+) -> None:
+    body = b"\x00\x00" + codec.encode_properties(props)
+    broker = ChunkedBroker(b"", 0, connack=b"\x20" + codec.encode_varint(len(body)) + body)
+    async with broker as port:
+        conn = MqttConnection(OPTIONS, Recorder())
+        with pytest.raises(ProtocolViolation, match="a protocol error") as caught:
+            await conn.connect(Endpoint("127.0.0.1", port))
+        for _ in range(100):
+            if b"\xe0\x01\x82" in broker.received:
+                break
+            await asyncio.sleep(0.01)
+    assert caught.value.reason == reason
+    assert b"\xe0\x01\x82" in broker.received  # DISCONNECT: protocol error
+    assert not conn.is_open
+
+
+def test_packet_extent_knows_the_length_before_the_body() -> None:
+    head = publish_head(b"t", 268_435_455 - 5, 1)
+    assert codec.packet_extent(head, 0, 2) is None  # the length is not all in yet
+    found = codec.packet_extent(head, 0, len(head))
+    assert found is not None
+    assert found[2] == 268_435_455 + 5  # known (and refusable) long before the body is in
+    assert codec.publish_head(head, found[0], found[1], found[2], len(head)) == ("t", 1)
+    assert codec.publish_head(head, found[0], found[1], found[2], len(head) - 1) is None
+    with pytest.raises(codec.MalformedPacket):
+        codec.packet_extent(b"\x30\xff\xff\xff\xff\x01", 0, 6)

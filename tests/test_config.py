@@ -337,3 +337,14 @@ def test_sizing_rules_warn_and_strict_makes_them_errors(
     cfg["flow"]["max_inflight"] = 4000
     code, _, err = run_check(capsys, write(tmp_path, cfg))
     assert (code, err) == (0, "")
+
+
+def test_a_binary_password_reaches_the_broker_byte_for_byte(tmp_path: Path) -> None:
+    """MQTT passwords are binary data: nothing is decoded (an error would show a byte)."""
+    from bridge.config import load_config
+    from bridge.wiring import password_of
+
+    secret = b"\xff\x00\xfe-not-utf8-\xc3"
+    (tmp_path / "pw").write_bytes(secret + b"\r\n")
+    path = write(tmp_path, with_(target__password_file=str(tmp_path / "pw"), target__username="u"))
+    assert password_of(load_config(path).target) == secret

@@ -72,6 +72,7 @@ _COUNTERS = {
     "failovers_total",
     "failback_probes_total",
     "connection_received_total",
+    "protocol_errors_total",
 }
 _GAUGES = {
     "inflight_messages",
@@ -344,7 +345,10 @@ def test_dockerfile_runtime_stage() -> None:
     assert len(stages) >= 2, "multi-stage: build the wheel apart from the runtime"
     runtime = stages[-1]
     base = re.sub(r"\$\{(\w+)\}", lambda m: global_args[m[1]], runtime[0][1].split()[0])
-    assert base == "python:3.11-slim"
+    # Pinned by digest (refreshed with `docker buildx imagetools inspect`, see README).
+    assert re.fullmatch(r"python:3\.11-slim-bookworm@sha256:[0-9a-f]{64}", base), base
+    assert all(args.split()[0] == runtime[0][1].split()[0] for args in
+               [stage[0][1] for stage in stages])  # fmt: skip
 
     def last(keyword: str) -> str:
         values = [args for k, args in runtime if k == keyword]
@@ -362,11 +366,37 @@ def test_dockerfile_runtime_stage() -> None:
     assert json.loads(last("CMD")) == ["run", "--config", f"{ETC}/config.yaml"]
     env = " ".join(args for k, args in runtime if k == "ENV")
     assert "PYTHONDONTWRITEBYTECODE=1" in env
-    assert "BRIDGE_HTTP__LISTEN=0.0.0.0:9100" in env
+    # The image's listen address is a default a config file can override (even with
+    # null), never a BRIDGE_ variable, which would override the file.
+    assert "MQTT_BRIDGE_DEFAULT_LISTEN=0.0.0.0:9100" in env
+    assert "BRIDGE_HTTP__LISTEN" not in env
     assert last("EXPOSE") == "9100"
     # The runtime installs our wheel from the builder, no sources and no build tools.
     assert not [args for k, args in runtime if k in ("COPY", "ADD") and "--from" not in args]
     assert any("--mount=type=bind,from=builder" in args for k, args in runtime if k == "RUN")
+    # Dependencies come from the hashed lock file, in both stages.
+    for stage in stages:
+        runs = " ".join(args for k, args in stage if k == "RUN")
+        assert "--require-hashes" in runs
+        assert "requirements.lock" in runs
+
+
+def test_lock_file_pins_every_dependency_with_hashes() -> None:
+    """requirements.lock (scripts/lock.sh): every pin has hashes, and every runtime
+    dependency of pyproject.toml is pinned."""
+    text = (ROOT / "requirements.lock").read_text()
+    entries = re.split(r"\n(?=[A-Za-z0-9])", text.split("\n", 1)[1].strip())
+    pinned = {}
+    for entry in entries:
+        name, _, rest = entry.partition("==")
+        assert rest, f"not pinned with ==: {entry[:60]}"
+        hashes = re.findall(r"--hash=sha256:([0-9a-f]{64})", rest)
+        assert hashes, f"{name}: no sha256 hash"
+        pinned[re.sub(r"[-_.]+", "-", name.lower())] = hashes
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    for requirement in pyproject["project"]["dependencies"]:
+        name = re.split(r"[\[<>=;! ]", requirement, maxsplit=1)[0]
+        assert re.sub(r"[-_.]+", "-", name.lower()) in pinned, f"{name} is not in the lock"
 
 
 def test_docker_build_context_has_what_the_wheel_needs() -> None:

@@ -135,6 +135,10 @@ class FakeConn:
     endpoint: Endpoint | None = None
     session_present: bool = False
     disconnect_reason: int | None = None
+    disconnect_detail: str = ""
+    ack_reason: str = ""
+    max_qos: int = 1
+    protocol_error: str | None = None
     closed_by_us: bool = False
     server_receive_maximum: int = 65535
     has_unread: bool = False

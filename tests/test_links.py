@@ -22,7 +22,13 @@ from bridge.mqtt import Endpoint, Listener, SessionOptions
 from bridge.mqtt_codec import Publish
 from bridge.outcome import DELIVERED, EXPIRED, POISON, Kind, Outcome
 from bridge.pacing import Pacing
-from bridge.policy import POISON_DROPS, on_connection_lost, puback_outcome
+from bridge.policy import (
+    POISON_DROPS,
+    connack_violation,
+    on_connection_lost,
+    puback_outcome,
+    qos_refusal,
+)
 from bridge.source import SourceLink
 from bridge.stats import Stats
 from bridge.target import TargetLink
@@ -44,6 +50,8 @@ class FakeConnection:
     ack_reason: str = ""
     closed_by_us: bool = False
     server_receive_maximum: int = 65535
+    max_qos: int = 1
+    protocol_error: str | None = None
     has_unread: bool = False
     last_rx: float = 0.0
     published: list[tuple[int, bytes, bytes]] = field(default_factory=list)
@@ -380,3 +388,73 @@ def test_backoff_grows_and_resets() -> None:
     assert 4.0 <= delays[5] <= 8.0
     backoff.reset()
     assert backoff.next_delay() <= 1.0
+
+
+# ---- peers that must not be used as they are ---------------------------------------------
+
+
+def test_connack_violations_are_named() -> None:
+    assert connack_violation({}) is None
+    assert connack_violation({codec.RECEIVE_MAXIMUM: 1, codec.MAXIMUM_QOS: 0}) is None
+    assert connack_violation({codec.RECEIVE_MAXIMUM: 0}) == (
+        "the broker announced Receive Maximum 0, a protocol error",
+        "receive_maximum_zero",
+    )
+    assert connack_violation({codec.MAXIMUM_QOS: 2}) == (
+        "the broker announced Maximum QoS 2, a protocol error",
+        "bad_maximum_qos",
+    )
+
+
+def test_qos_refusal_says_what_to_change() -> None:
+    assert qos_refusal(1, 1) is None
+    assert qos_refusal(0, 0) is None
+    refusal = qos_refusal(0, 1)
+    assert refusal is not None
+    assert "set qos: 0 on those routes" in refusal
+
+
+async def test_target_link_refuses_a_target_that_takes_only_qos_0() -> None:
+    """At-least-once must not turn into fire-and-forget without a word."""
+    outcomes = Outcomes()
+    made: list[FakeConnection] = []
+
+    def qos0_only(options: SessionOptions, listener: Listener) -> FakeConnection:
+        made.append(FakeConnection(options, listener, max_qos=0))
+        return made[-1]
+
+    link = TargetLink(0, ENDPOINT, OPTIONS, 10, 1.0, Pacing(), outcomes, factory=qos0_only)
+    async with running(link):
+        link.submit(envelope(1))
+        for _ in range(100):
+            if len(made) >= 2:
+                break
+            await asyncio.sleep(0.01)
+        assert not link.connected
+        assert "accepts only QoS 0" in (link.stats().problem or "")
+    assert all(conn.published == [] for conn in made)
+    assert outcomes.seen == []  # nothing delivered, nothing acknowledged at the source
+    # A route that asks for QoS 0 may use it.
+    made.clear()
+    link = TargetLink(
+        0, ENDPOINT, OPTIONS, 10, 1.0, Pacing(), outcomes, factory=qos0_only, needed_qos=0
+    )
+    async with running(link):
+        link.submit(envelope(1, qos=0))
+        for _ in range(100):
+            if outcomes.seen:
+                break
+            await asyncio.sleep(0.01)
+    assert outcomes.seen == [(b"1", DELIVERED)]
+
+
+async def test_a_link_with_connect_tries_gives_up() -> None:
+    factory = Factory(failures=100)
+    link = TargetLink(
+        0, ENDPOINT, OPTIONS, 10, 1.0, Pacing(), Outcomes(), factory=factory, connect_tries=3
+    )
+    runner = asyncio.create_task(link.run())
+    await asyncio.wait_for(link.failed.wait(), 10)
+    await asyncio.wait_for(runner, 1)  # the loop ended
+    assert len(factory.made) == 3
+    assert str(link.gave_up) == "refused by the script (gave up after 3 tries)"

@@ -25,6 +25,7 @@ CATALOGUE = [
     "heartbeat_latency_seconds", "heartbeat_age_seconds", "heartbeat_stale_after_seconds",
     "heartbeats_total", "endpoint_active", "failovers_total", "failback_probes_total",
     "connection_received_total",
+    "protocol_errors_total",
 ]  # fmt: skip
 
 

@@ -14,6 +14,7 @@ from bridge.routing import (
     filter_pattern,
     patterns_overlap,
     template_pattern,
+    topic_name_problem,
 )
 
 level = st.text(alphabet="abc$ x", min_size=0, max_size=3)
@@ -141,3 +142,28 @@ def test_overlap_examples() -> None:
     assert not ov("a/+/c", "a/b/d")
     assert not ov("dt/+/up", "devices/#")
     assert ov("#", "x/y")
+
+
+# ---- received topic names ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("topic", "alias", "reason"),
+    [
+        ("a/+/b", None, "invalid_topic: a wildcard ('+' or '#') in a topic name"),
+        ("a/#", None, "invalid_topic: a wildcard ('+' or '#') in a topic name"),
+        ("a/\x00", None, "invalid_topic: a NUL character in the topic name"),
+        ("", None, "invalid_topic: empty topic name"),
+        ("", 3, "invalid_topic: topic alias 3, which we never allowed"),
+        ("a/b", 1, "invalid_topic: topic alias 1, which we never allowed"),
+    ],
+)
+def test_topic_names_no_broker_may_deliver(topic: str, alias: int | None, reason: str) -> None:
+    assert topic_name_problem(topic, alias) == reason
+
+
+@given(st.text(max_size=30))
+def test_a_topic_name_that_passes_can_be_published_anywhere(topic: str) -> None:
+    """What passes is a publishable MQTT topic name (MQTT 4.7.1, 1.5.4); what fails is not."""
+    publishable = bool(topic) and not set(topic) & {"+", "#", "\x00"}
+    assert (topic_name_problem(topic) is None) == publishable
