@@ -35,6 +35,7 @@ from bridge.outcome import DELIVERED, EXPIRED, Outcome
 from bridge.policy import POISON_DROPS
 from bridge.reasons import dead_letter_reasons
 from bridge.release import Releasable, Releaser
+from bridge.route_index import RouteIndex
 from bridge.routing import TopicFilter, TopicTemplate
 from bridge.stats import Stats
 from bridge.target import Target
@@ -105,6 +106,7 @@ class Bridge:
             for route, label in zip(self.routes, labels, strict=True):
                 route.label = label
         self.stats = Stats(labels)
+        self._routes = RouteIndex(self.routes)
         self.topic_limits = cfg.target.limits.topic_limits()
         self.stats.seed_dead_letters(
             dead_letter_reasons(self.topic_limits, cfg.target.protocol == "5")
@@ -197,11 +199,8 @@ class Bridge:
         return True
 
     def _match(self, topic: str) -> tuple[CompiledRoute, str] | None:
-        for route in self.routes:
-            captures = route.filter.captures(topic)
-            if captures is not None:
-                return route, route.template.render(topic, captures)
-        return None
+        # First match wins, in configuration order; the gate is checked by the caller.
+        return self._routes.match(topic)
 
     def _has_marker(self, props: codec.Properties) -> bool:
         user = props.get(codec.USER_PROPERTY)
