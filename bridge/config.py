@@ -338,6 +338,10 @@ class RouteConfig(Section):
 class FlowConfig(Section):
     max_inflight: Annotated[int, Field(ge=1, le=65535)] = 1000
     max_inflight_bytes: Annotated[int, Field(ge=1024)] = 64 * 1024 * 1024
+    # A QoS 0 message that finds the flow full (flow.WhenFull): `block` stops reading, so
+    # TCP and the source broker's queue absorb the burst (as Mosquitto's bridge does);
+    # `drop` drops it and counts it (dropped{reason="full"}), for freshness over delivery.
+    qos0_when_full: Literal["block", "drop"] = "block"
 
 
 class ShutdownConfig(Section):

@@ -111,7 +111,11 @@ class Bridge:
         self.stats.seed_dead_letters(
             dead_letter_reasons(self.topic_limits, cfg.target.protocol == "5")
         )
-        self.flow = Flow(cfg.flow.max_inflight, cfg.flow.max_inflight_bytes)
+        self.flow = Flow(
+            cfg.flow.max_inflight,
+            cfg.flow.max_inflight_bytes,
+            WhenFull(cfg.flow.qos0_when_full),
+        )
         self.archive: S3Archive | None = make_archive(cfg, self.flow)
         self.dead_letters: DeadLetterSink = dead_letters or (
             ArchiveDeadLetters(self.archive, self._record) if self.archive else LogDeadLetters()
