@@ -507,6 +507,20 @@ class BridgeConfig(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _flow_grows_with_the_pool(self) -> BridgeConfig:
+        # Unless set, flow.max_inflight holds every target window (twice in `required`
+        # mode, where batches wait for S3 too): a smaller bound idles the pool.
+        window = self.target.limits.inflight
+        if "max_inflight" in self.flow.model_fields_set or window is None:
+            return self
+        s3 = self.backup.s3
+        need = self.target.connections * window * (2 if s3 and s3.mode == "required" else 1)
+        wanted = min(65535, max(self.flow.max_inflight, need))
+        if wanted != self.flow.max_inflight:
+            object.__setattr__(self, "flow", self.flow.model_copy(update={"max_inflight": wanted}))
+        return self
+
+    @model_validator(mode="after")
     def _client_ids_fit(self) -> BridgeConfig:
         for side, ids in (
             ("source", [self.source_client_id(i) for i in range(self.source_connections)]),
