@@ -175,9 +175,14 @@ class TargetLink(Link):
                 wait = pacer.delay(len(env.payload), now)
                 if wait:
                     self._timer = self._loop.call_later(wait, self._resume)
-                    return
+                    break
             queue.popleft()
             self._send(conn, env, now)
+        if pacer.paced:
+            # The pacer counted these sends at `now`: they reach the socket now, in one
+            # write, not after whatever else this loop iteration runs (a stall there once
+            # bunched them into 119 in one second at rate 100).
+            conn.flush()
 
     def _send(self, conn: Connection, env: Envelope, now: float) -> None:
         props = env.properties
