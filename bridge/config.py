@@ -497,6 +497,10 @@ class HeartbeatConfig(Section):
 class FlowConfig(Section):
     max_inflight: Annotated[int, Field(ge=1, le=65535)] = 1000
     max_inflight_bytes: Annotated[int, Field(ge=1024)] = 64 * 1024 * 1024
+    # A QoS 0 message that finds the flow full (flow.WhenFull): `block` stops reading, so
+    # TCP and the source broker's queue absorb the burst (as Mosquitto's bridge does);
+    # `drop` drops it and counts it (dropped{reason="full"}), for freshness over delivery.
+    qos0_when_full: Literal["block", "drop"] = "block"
 
 
 class ShutdownConfig(Section):
@@ -735,6 +739,20 @@ class BridgeConfig(BaseSettings):
                 f"source.connections: {self.source.connections} connections need a route with "
                 "a share_group (a plain subscription on each would take every message N times)"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _flow_grows_with_the_pool(self) -> BridgeConfig:
+        # Unless set, flow.max_inflight holds every target window (twice in `required`
+        # mode, where batches wait for S3 too): a smaller bound idles the pool.
+        window = self.target.limits.inflight
+        if "max_inflight" in self.flow.model_fields_set or window is None:
+            return self
+        s3 = self.backup.s3
+        need = self.target.connections * window * (2 if s3 and s3.mode == "required" else 1)
+        wanted = min(65535, max(self.flow.max_inflight, need))
+        if wanted != self.flow.max_inflight:
+            object.__setattr__(self, "flow", self.flow.model_copy(update={"max_inflight": wanted}))
         return self
 
     @model_validator(mode="after")

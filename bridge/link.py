@@ -75,6 +75,9 @@ class Connection(Protocol):
         properties: Properties | bytes | None = None,
     ) -> int: ...
     def puback(self, packet_id: int) -> None: ...
+    def flush(self) -> None:
+        """Write what is queued now, in one call, instead of at the end of the iteration."""
+
     async def subscribe(
         self, filters: list[tuple[str, int]], retain_as_published: bool, timeout: float = 10.0
     ) -> list[int]: ...

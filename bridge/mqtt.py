@@ -334,6 +334,10 @@ class MqttConnection(asyncio.Protocol):
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
 
+    def flush(self) -> None:
+        """Write what was queued now (paced publishes: the time counted is the write's)."""
+        self._flush()
+
     def _flush(self) -> None:
         self._flush_scheduled = False
         if self._wbuf and self._transport is not None and not self._transport.is_closing():

@@ -5,6 +5,7 @@ in-flight window, and the throttle response (multiplicative decrease, additive r
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass
 
 
@@ -49,6 +50,45 @@ class TokenBucket:
         self.tokens = min(self.tokens, self.capacity)
 
 
+# The cap's window: one second as IoT Core counts it, plus 1 % so that a few ms of
+# scheduling jitter between our write and the broker's read cannot put one message
+# too many into some second (costs at most 1 % of the rate).
+WINDOW = 1.01
+
+
+class WindowCap:
+    """At most ``limit`` sends in any ``window`` seconds, counted when they are written.
+
+    IoT Core counts what arrives in each second, not what a bucket granted: a full
+    bucket plus a second's refill lets ``rate x (1 + burst)`` through some 1 s window, and
+    an event-loop stall bunched granted messages further (119 at rate 100 measured on
+    the wire). The cap remembers the last ``limit`` write times and holds the next send
+    until the oldest of them is ``window`` seconds old, so no 1 s window ever holds more
+    than ``limit``, whatever the loop did meanwhile.
+    """
+
+    def __init__(self, limit: int, window: float = WINDOW) -> None:
+        self.limit = max(1, limit)
+        self.window = window
+        self._sent: deque[float] = deque(maxlen=self.limit)
+
+    def delay(self, now: float) -> float:
+        """0 when a send may go now, else the seconds until one may."""
+        sent = self._sent
+        if len(sent) < self.limit:
+            return 0.0
+        return max(0.0, sent[0] + self.window - now)
+
+    def sent(self, now: float) -> None:
+        self._sent.append(now)  # the deque's maxlen drops the oldest
+
+    def set_limit(self, limit: int) -> None:
+        limit = max(1, limit)
+        if limit != self.limit:
+            self.limit = limit
+            self._sent = deque(self._sent, maxlen=limit)
+
+
 class Throttle:
     """The share of the configured rate a connection may use after quota errors.
 
@@ -87,6 +127,7 @@ class Pacer:
         self._throttle = Throttle()
         self._messages = _bucket(None, pacing.publish_rate, pacing.burst, now)
         self._bytes = _bucket(None, pacing.bytes_rate, pacing.burst, now)
+        self._cap = _cap(None, pacing.publish_rate)
         self.paced = self._messages is not None or self._bytes is not None
 
     def repace(self, pacing: Pacing, now: float) -> None:
@@ -95,6 +136,7 @@ class Pacer:
         self.pacing = pacing
         self._messages = _bucket(self._messages, pacing.publish_rate, pacing.burst, now)
         self._bytes = _bucket(self._bytes, pacing.bytes_rate, pacing.burst, now)
+        self._cap = _cap(self._cap, pacing.publish_rate)
         self.paced = self._messages is not None or self._bytes is not None
         self.window = self._window_cap  # the throttle moves to the rate when newly paced
         self.recover(now)
@@ -106,13 +148,24 @@ class Pacer:
 
     def delay(self, size: int, now: float) -> float:
         """Take the tokens for one message of ``size`` bytes and return 0, or return the
-        seconds to wait (taking nothing)."""
+        seconds to wait (taking nothing). A 0 counts as a send at ``now``: the caller
+        writes it to the socket before the loop runs anything else."""
         messages = self._messages
         wait = messages.delay(1, now) if messages is not None else 0.0
         if not wait and self._bytes is not None:
             wait = self._bytes.delay(size, now)
             if wait and messages is not None:
                 messages.tokens += 1  # give back: nothing was sent
+        cap = self._cap
+        if not wait and cap is not None:
+            wait = cap.delay(now)
+            if not wait:
+                cap.sent(now)
+            else:  # give back: nothing was sent
+                if messages is not None:
+                    messages.tokens += 1
+                if self._bytes is not None:
+                    self._bytes.tokens += size
         return wait
 
     def connected(self, server_receive_maximum: int, now: float) -> None:
@@ -139,6 +192,17 @@ class Pacer:
             self._messages.set_rate(self.pacing.publish_rate * factor, self.pacing.burst)
         else:
             self.window = max(1, math.ceil(self._window_cap * factor))
+
+
+def _cap(cap: WindowCap | None, rate: float | None) -> WindowCap | None:
+    """The hard cap for the configured (not throttled) ``rate``, keeping its history."""
+    if not rate:
+        return None
+    limit = math.floor(rate)  # per 1 s window: 100 at rate 100, never 101
+    if cap is None:
+        return WindowCap(limit)
+    cap.set_limit(limit)
+    return cap
 
 
 def _bucket(

@@ -38,6 +38,7 @@ from bridge.outcome import DELIVERED, EXPIRED, Outcome
 from bridge.policy import POISON_DROPS
 from bridge.reasons import dead_letter_reasons
 from bridge.release import Releasable, Releaser
+from bridge.route_index import RouteIndex
 from bridge.routing import TopicFilter, TopicTemplate, topic_name_problem
 from bridge.stats import Stats
 from bridge.target import Target
@@ -111,11 +112,16 @@ class Bridge:
             for route, label in zip(self.routes, labels, strict=True):
                 route.label = label
         self.stats = Stats(labels)
+        self._routes = RouteIndex(self.routes)
         self.topic_limits = cfg.target.limits.topic_limits()
         self.stats.seed_dead_letters(
             dead_letter_reasons(self.topic_limits, cfg.target.protocol == "5")
         )
-        self.flow = Flow(cfg.flow.max_inflight, cfg.flow.max_inflight_bytes)
+        self.flow = Flow(
+            cfg.flow.max_inflight,
+            cfg.flow.max_inflight_bytes,
+            WhenFull(cfg.flow.qos0_when_full),
+        )
         self.archive: S3Archive | None = make_archive(cfg, self.flow)
         self.dead_letters: DeadLetterSink = dead_letters or (
             ArchiveDeadLetters(self.archive, self._record) if self.archive else LogDeadLetters()
@@ -247,11 +253,8 @@ class Bridge:
         return True
 
     def _match(self, topic: str) -> tuple[CompiledRoute, str] | None:
-        for route in self.routes:
-            captures = route.filter.captures(topic)
-            if captures is not None:
-                return route, route.template.render(topic, captures)
-        return None
+        # First match wins, in configuration order; the gate is checked by the caller.
+        return self._routes.match(topic)
 
     def _has_marker(self, props: codec.Properties) -> bool:
         user = props.get(codec.USER_PROPERTY)

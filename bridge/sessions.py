@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from bridge.config import BridgeConfig
 from bridge.errors import ConnectionFailed
 from bridge.membership import MemberRecord, RegistryLink, member_topic
-from bridge.mqtt import MqttConnection, SessionOptions
-from bridge.wiring import endpoint_of, password_of, protocol_level
+from bridge.mqtt import MqttConnection
+from bridge.wiring import clean_session, endpoint_of
 
 QUIET = 0.5  # retained records arrive right after SUBACK; this long without one: all seen
 
@@ -50,14 +50,7 @@ async def _registry(cfg: BridgeConfig, seen: list[Seen]) -> AsyncIterator[Regist
         if payload and len(parts) == 2:
             seen.append(Seen(topic, parts[0], parts[1], MemberRecord.decode(payload)))
 
-    options = SessionOptions(
-        client_id=f"{cfg.instance_id}-sessions-{int(time.time() * 1000) % 100000}",
-        protocol=protocol_level(src),
-        clean_start=True,
-        keepalive=src.keepalive,
-        username=src.username,
-        password=password_of(src),
-    )
+    options = clean_session(src, f"{cfg.instance_id}-sessions-{int(time.time() * 1000) % 100000}")
     link = RegistryLink(
         endpoint_of(src), options, src.connect_timeout, f"{root}/+/+", on_record, MqttConnection
     )

@@ -5,24 +5,24 @@
 given at construction — the ack carries the write's result. ``ready`` and
 ``connections()`` are what readiness and metrics read.
 
-``TargetPool`` is the MQTT implementation. A topic always goes to the same connection
-(CRC32 of the topic), and a connection publishes in submission order, so order per
-source topic holds with several connections. Messages in flight when a connection
-drops were never acknowledged at the source; they are republished, in order, after it
-reconnects.
+``TargetPool`` is the MQTT implementation. A topic is pinned to one connection while
+it has messages there, and an idle topic goes to the least busy one (``balance.py``);
+a connection publishes in submission order, so order per topic holds with several
+connections. Messages in flight when a connection drops were never acknowledged at the
+source; they are republished, in order, after it reconnects.
 """
 
 from __future__ import annotations
 
 import asyncio
 import struct
-import zlib
 from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
 from bridge import mqtt_codec as codec
 from bridge.acks import INTERNAL
+from bridge.balance import Balancer
 from bridge.errors import ConnectionFailed, PacketTooLarge
 from bridge.failover import Failover
 from bridge.link import Connection, ConnectionFactory, Link, LinkStats
@@ -157,6 +157,16 @@ class TargetLink(Link):
             # next loop iteration made one big read overflow the bound: measured).
             self._pump()
 
+    def also_on_done(self, first: Callable[[Envelope], None]) -> None:
+        """Call ``first(env)`` before every outcome (the pool's balancer counts them)."""
+        then = self._on_done
+
+        def done(env: Envelope, outcome: Outcome) -> None:
+            first(env)
+            then(env, outcome)
+
+        self._on_done = done
+
     def _requeue(self, envs: list[Envelope]) -> None:
         """Put envelopes back where they were: submission order holds through retries."""
         self.queue = deque(sorted([*envs, *self.queue], key=lambda e: e.seq))
@@ -186,9 +196,14 @@ class TargetLink(Link):
                 wait = pacer.delay(len(env.payload), now)
                 if wait:
                     self._timer = self._loop.call_later(wait, self._resume)
-                    return
+                    break
             queue.popleft()
             self._send(conn, env, now)
+        if pacer.paced:
+            # The pacer counted these sends at `now`: they reach the socket now, in one
+            # write, not after whatever else this loop iteration runs (a stall there once
+            # bunched them into 119 in one second at rate 100).
+            conn.flush()
 
     def _send(self, conn: Connection, env: Envelope, now: float) -> None:
         props = env.properties
@@ -384,6 +399,10 @@ class TargetPool(Service):
     def __init__(self, links: list[TargetLink]) -> None:
         super().__init__()
         self.links = links
+        self.balancer = Balancer(len(links))
+        if len(links) > 1:
+            for link in links:
+                link.also_on_done(self._finished)
 
     async def start(self) -> None:
         for link in self.links:
@@ -394,7 +413,10 @@ class TargetPool(Service):
         if len(links) == 1:
             links[0].submit(env)
         else:
-            links[zlib.crc32(env.topic) % len(links)].submit(env)
+            links[self.balancer.assign(env.topic, env.qos)].submit(env)
+
+    def _finished(self, env: Envelope) -> None:
+        self.balancer.finished(env.topic)
 
     @property
     def ready(self) -> bool:

@@ -36,6 +36,19 @@ def endpoints_of(broker: BrokerConfig) -> list[Endpoint]:
     ]
 
 
+def clean_session(broker: BrokerConfig, client_id: str) -> SessionOptions:
+    """A connection of the bridge's own (probe, heartbeat, registry, a tool): clean start,
+    so it leaves no session behind; the broker section's credentials and keepalive."""
+    return SessionOptions(
+        client_id=client_id,
+        protocol=protocol_level(broker),
+        clean_start=True,
+        keepalive=broker.keepalive,
+        username=broker.username,
+        password=password_of(broker),
+    )
+
+
 def endpoint_of(broker: BrokerConfig) -> Endpoint:
     """The primary endpoint (``url``): for one-shot tools that do not fail over."""
     return endpoints_of(broker)[0]
@@ -54,14 +67,7 @@ def make_failback(
     """Probes the primary of ``failover``'s side under a client id of its own."""
     side: Literal["source", "target"] = "source" if failover.side == "source" else "target"
     broker: BrokerConfig = cfg.source if side == "source" else cfg.target
-    options = SessionOptions(
-        client_id=cfg.side_client_id(side, "probe"),
-        protocol=protocol_level(broker),
-        clean_start=True,  # leaves no session behind
-        keepalive=broker.keepalive,
-        username=broker.username,
-        password=password_of(broker),
-    )
+    options = clean_session(broker, cfg.side_client_id(side, "probe"))
     return Failback(failover, options, broker.connect_timeout, factory)
 
 
@@ -212,14 +218,7 @@ def make_heartbeat(
 
     def link_args(side: Literal["source", "target"], failover: Failover) -> _LinkArgs:
         broker: BrokerConfig = cfg.source if side == "source" else cfg.target
-        options = SessionOptions(
-            client_id=cfg.side_client_id(side, "hb"),
-            protocol=protocol_level(broker),
-            clean_start=True,  # only live heartbeats matter
-            keepalive=broker.keepalive,
-            username=broker.username,
-            password=password_of(broker),
-        )
+        options = clean_session(broker, cfg.side_client_id(side, "hb"))  # only live ones matter
         return (
             failover.endpoints[0],
             options,
@@ -310,16 +309,9 @@ def make_members(
     if not cfg.membership.enabled:
         return None
     src = cfg.source
-    options = SessionOptions(
-        # Per process (no session to resume): two workers with one instance_id must both
-        # stay connected here to see each other's records.
-        client_id=f"{cfg.instance_id}-members-{secrets.token_hex(3)}",
-        protocol=protocol_level(src),
-        clean_start=True,
-        keepalive=src.keepalive,
-        username=src.username,
-        password=password_of(src),
-    )
+    # Per process (no session to resume): two workers with one instance_id must both
+    # stay connected here to see each other's records.
+    options = clean_session(src, f"{cfg.instance_id}-members-{secrets.token_hex(3)}")
     return Registry(
         settings_of(cfg),
         [cfg.source_client_id(i) for i in range(cfg.source_connections)],

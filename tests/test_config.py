@@ -348,3 +348,24 @@ def test_a_binary_password_reaches_the_broker_byte_for_byte(tmp_path: Path) -> N
     (tmp_path / "pw").write_bytes(secret + b"\r\n")
     path = write(tmp_path, with_(target__password_file=str(tmp_path / "pw"), target__username="u"))
     assert password_of(load_config(path).target) == secret
+
+
+def test_max_inflight_grows_with_the_pool_unless_set(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pool = {"target__connections": 200, "target__limits": {"inflight": 100}}
+    code, out, err = run_check(capsys, write(tmp_path, with_(**pool)))
+    assert (code, err) == (0, "")  # no sizing warning: the default holds every window
+    assert yaml.safe_load(out)["flow"]["max_inflight"] == 20_000
+    required = with_(**pool, backup={"s3": {"bucket": "b", "mode": "required"}})
+    code, out, err = run_check(capsys, write(tmp_path, required))
+    assert (code, err) == (0, "")
+    assert yaml.safe_load(out)["flow"]["max_inflight"] == 40_000
+    # Capped by what MQTT can announce; set by hand, it stays (and `check` warns).
+    huge = with_(target__connections=1000, target__limits={"inflight": 100})
+    code, out, _ = run_check(capsys, write(tmp_path, huge))
+    assert yaml.safe_load(out)["flow"]["max_inflight"] == 65535
+    code, out, err = run_check(capsys, write(tmp_path, with_(**pool, flow={"max_inflight": 500})))
+    assert yaml.safe_load(out)["flow"]["max_inflight"] == 500
+    assert "can never all be busy" in err
+    assert yaml.safe_load(out)["flow"]["qos0_when_full"] == "block"

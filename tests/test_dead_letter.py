@@ -48,7 +48,8 @@ def test_target_rejection_is_dead_lettered_and_the_stream_flows(rig: Rig) -> Non
 
 def test_qos0_beyond_the_bound_is_dropped_and_counted(rig: Rig) -> None:
     routes = [{"source": f"{rig.prefix}/#", "qos": 0}]
-    worker = rig.worker(routes, flow={"max_inflight": 20})
+    # Freshness over delivery: `drop` (the default, block, is in test_backpressure.py).
+    worker = rig.worker(routes, flow={"max_inflight": 20, "qos0_when_full": "drop"})
     assert rig.target.proc is not None
     with Publisher(rig.source.url) as pub:
         rig.target.proc.send_signal(signal.SIGSTOP)  # the target stops reading

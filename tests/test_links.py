@@ -103,6 +103,9 @@ class FakeConnection:
     def puback(self, packet_id: int) -> None:
         self.pubacks.append(packet_id)
 
+    def flush(self) -> None:
+        pass  # nothing is buffered: publish() records at once
+
     async def subscribe(
         self, filters: list[tuple[str, int]], retain_as_published: bool, timeout: float = 10.0
     ) -> list[int]:

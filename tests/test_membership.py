@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import pytest
 import yaml
@@ -21,12 +22,36 @@ from tests.harness import (
     ROOT,
     Collector,
     Publisher,
+    Report,
     Worker,
     bridge_config,
     check,
     free_port,
     wait_until,
 )
+
+Step = tuple[int, Callable[[], object]]
+
+
+def stream(rig: Rig, total: int, rate: float, steps: list[Step], wait: float = 60) -> Report:
+    """Publish ``total`` numbered messages over 4 topics at ``rate``; run each step once
+    that many are sent; then count what reached the target with the oracle."""
+    topics = [f"{rig.prefix}/{i}" for i in range(4)]
+    with (
+        Collector(rig.target.url, f"{rig.prefix}/#") as collector,
+        Publisher(rig.source.url) as pub,
+    ):
+        publishing = pub.publish_in_background(topics, total, rate=rate)
+        for sent, step in steps:
+            wait_until(lambda: pub.sent >= sent, 30, what=f"{sent} sent")  # noqa: B023
+            step()
+        publishing.join(60)
+        pub.wait_acked(60)
+        collector.wait_for(total, wait)
+        time.sleep(0.5)
+        report = check(pub.acked(), collector.messages)
+    print(report)
+    return report
 
 
 def restart(worker: Worker, rig: Rig, pause: float) -> Worker:
@@ -58,47 +83,22 @@ def test_graceful_restart_loses_nothing_published_while_away(
     worker = rig.worker(
         [route], instance_id="w", source_protocol=protocol, shutdown={"session": session}
     )
-    topics = [f"{rig.prefix}/{i}" for i in range(4)]
-    with (
-        Collector(rig.target.url, f"{rig.prefix}/#") as collector,
-        Publisher(rig.source.url) as pub,
-    ):
-        publishing = pub.publish_in_background(topics, 3000, rate=400)
-        wait_until(lambda: pub.sent >= 800, 30, what="800 sent")
-        again = restart(worker, rig, pause=2.0)
-        publishing.join(60)
-        pub.wait_acked(60)
-        collector.wait_for(3000, 60)
-        time.sleep(0.5)
-        report = check(pub.acked(), collector.messages)
-    print(report)
+    back: list[Worker] = []
+    report = stream(rig, 3000, 400, [(800, lambda: back.append(restart(worker, rig, 2.0)))])
     assert report.lost == 0, report.lost_examples
     assert report.unexpected == 0
     log = worker.log_tail(100_000)
     assert "kept the session" in log
-    assert again.metrics()["received"] > 0
+    assert back[0].metrics()["received"] > 0
 
 
 def test_rolling_restart_of_a_share_group_loses_nothing(rig: Rig) -> None:
     routes = [{"source": f"{rig.prefix}/+", "share_group": "g", "target": "{topic}"}]
     a = rig.worker(routes, instance_id="a")
     b = rig.worker(routes, instance_id="b")
-    topics = [f"{rig.prefix}/{i}" for i in range(4)]
-    with (
-        Collector(rig.target.url, f"{rig.prefix}/#") as collector,
-        Publisher(rig.source.url) as pub,
-    ):
-        publishing = pub.publish_in_background(topics, 4000, rate=400)
-        wait_until(lambda: pub.sent >= 600, 30, what="600 sent")
-        restart(a, rig, pause=1.0)
-        wait_until(lambda: pub.sent >= 2000, 30, what="2000 sent")
-        restart(b, rig, pause=1.0)
-        publishing.join(60)
-        pub.wait_acked(60)
-        collector.wait_for(4000, 60)
-        time.sleep(0.5)
-        report = check(pub.acked(), collector.messages)
-    print(report)
+    report = stream(
+        rig, 4000, 400, [(600, lambda: restart(a, rig, 1.0)), (2000, lambda: restart(b, rig, 1.0))]
+    )
     assert report.lost == 0, report.lost_examples
     assert report.unexpected == 0
     assert "shared subscriptions only" in a.log_tail(100_000)
@@ -108,21 +108,12 @@ def test_scale_in_mid_stream_the_other_member_takes_everything(rig: Rig) -> None
     routes = [{"source": f"{rig.prefix}/+", "share_group": "g", "target": "{topic}"}]
     a = rig.worker(routes, instance_id="a")
     b = rig.worker(routes, instance_id="b")
-    topics = [f"{rig.prefix}/{i}" for i in range(4)]
-    with (
-        Collector(rig.target.url, f"{rig.prefix}/#") as collector,
-        Publisher(rig.source.url) as pub,
-    ):
-        publishing = pub.publish_in_background(topics, 4000, rate=500)
-        wait_until(lambda: pub.sent >= 1000, 30, what="1000 sent")
-        a.signal(signal.SIGTERM)  # scale-in: a never comes back
+
+    def scale_in() -> None:  # a never comes back
+        a.signal(signal.SIGTERM)
         assert a.wait(30) == 0
-        publishing.join(60)
-        pub.wait_acked(60)
-        collector.wait_for(4000, 60)
-        time.sleep(0.5)
-        report = check(pub.acked(), collector.messages)
-    print(report)
+
+    report = stream(rig, 4000, 500, [(1000, scale_in)])
     assert report.lost == 0, report.lost_examples
     assert b.metrics()["received"] > 2000  # it took a's share after the leave
     assert "ended the session" in a.log_tail(100_000)
@@ -145,22 +136,15 @@ def test_a_killed_worker_that_never_returns_is_adopted(rig: Rig, protocol: str) 
     settings = {"source_protocol": protocol, "membership": FAST_MEMBERSHIP}
     a = rig.worker(routes, instance_id="a", **settings)
     b = rig.worker(routes, instance_id="b", **settings)
-    topics = [f"{rig.prefix}/{i}" for i in range(4)]
-    with (
-        Collector(rig.target.url, f"{rig.prefix}/#") as collector,
-        Publisher(rig.source.url) as pub,
-    ):
-        publishing = pub.publish_in_background(topics, 4000, rate=400)
-        wait_until(lambda: pub.sent >= 1000, 30, what="1000 sent")
-        a.signal(signal.SIGKILL)  # a lost task: it never comes back
-        killed = time.time()
-        publishing.join(60)
-        pub.wait_acked(60)
-        collector.wait_for(4000, 60)
-        time.sleep(0.5)
-        report = check(pub.acked(), collector.messages)
+    killed: list[float] = []
+
+    def kill() -> None:  # a lost task: it never comes back
+        a.signal(signal.SIGKILL)
+        killed.append(time.time())
+
+    report = stream(rig, 4000, 400, [(1000, kill)])
     adopted = _adopted_at(b)
-    print(report, f"adopted {adopted - killed:.1f} s after the kill" if adopted else "")
+    print(f"adopted {adopted - killed[0]:.1f} s after the kill" if adopted else "not adopted")
     assert report.lost == 0, report.lost_examples
     assert adopted is not None, b.log_tail()
     assert b.metrics()["received"] > 2000
@@ -314,23 +298,14 @@ def test_mqtt311_adoption_racing_a_restart_stays_lossless(rig: Rig) -> None:
     settings = {"source_protocol": "3.1.1", "membership": FAST_MEMBERSHIP}
     a = rig.worker(routes, instance_id="a", **settings)
     rig.worker(routes, instance_id="b", **settings)
-    topics = [f"{rig.prefix}/{i}" for i in range(4)]
-    with (
-        Collector(rig.target.url, f"{rig.prefix}/#") as collector,
-        Publisher(rig.source.url) as pub,
-    ):
-        publishing = pub.publish_in_background(topics, 4000, rate=400)
-        wait_until(lambda: pub.sent >= 1000, 30, what="1000 sent")
+
+    def kill_and_restart() -> None:
         a.signal(signal.SIGKILL)
         a.wait(10)
         again = Worker(rig.tmp, a.cfg, name="a-again")
         rig.workers.append(again.start())
-        publishing.join(60)
-        pub.wait_acked(60)
-        collector.wait_for(4000, 60)
-        time.sleep(0.5)
-        report = check(pub.acked(), collector.messages)
-    print(report)
+
+    report = stream(rig, 4000, 400, [(1000, kill_and_restart)])
     assert report.lost == 0, report.lost_examples
 
 
@@ -342,23 +317,13 @@ def test_scale_in_during_a_target_outage_is_adopted(rig: Rig) -> None:
     settings = {"membership": FAST_MEMBERSHIP, "shutdown": {"deadline": 3}}
     a = rig.worker(routes, instance_id="a", **settings)
     b = rig.worker(routes, instance_id="b", **settings)
-    topics = [f"{rig.prefix}/{i}" for i in range(4)]
-    with (
-        Collector(rig.target.url, f"{rig.prefix}/#") as collector,
-        Publisher(rig.source.url) as pub,
-    ):
-        rig.target.stop()
-        publishing = pub.publish_in_background(topics, 3000, rate=400)
-        wait_until(lambda: pub.sent >= 800, 30, what="800 sent")
-        a.signal(signal.SIGTERM)  # scale-in: a never comes back
+
+    def scale_in_while_down() -> None:  # a never comes back
+        a.signal(signal.SIGTERM)
         assert a.wait(30) == 0
         assert "not drained within shutdown.deadline" in a.log_tail(100_000)
         rig.target.start()
-        publishing.join(60)
-        pub.wait_acked(60)
-        collector.wait_for(3000, 90)
-        time.sleep(0.5)
-        report = check(pub.acked(), collector.messages)
-    print(report)
+
+    report = stream(rig, 3000, 400, [(0, rig.target.stop), (800, scale_in_while_down)], 90)
     assert report.lost == 0, report.lost_examples
     assert _adopted_at(b) is not None, b.log_tail()
