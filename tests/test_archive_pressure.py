@@ -89,7 +89,9 @@ def admit(flow: Flow, queue: AckQueue, archive: S3Archive, n: int, size: int = 1
 
 
 async def until(predicate: Callable[[], bool], what: str) -> None:
-    for _ in range(2000):
+    # 30 s at most: the gzip runs in a thread, which a loaded 2-core machine can starve
+    # (it once took more than 10 s while four suites ran at once).
+    for _ in range(6000):
         if predicate():
             return
         await asyncio.sleep(0.005)
