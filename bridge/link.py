@@ -108,6 +108,37 @@ class LinkStats:
     problem: str | None = None  # why it is down: readiness shows it
 
 
+class PubackWaiters:
+    """Publishes outside a link's queues whose PUBACK someone awaits (a probe, a member
+    record): the awaiting side, the answering side, and the answer when the connection
+    is lost (0x80, unspecified error: not acknowledged)."""
+
+    def __init__(self) -> None:
+        self._waiting: dict[int, asyncio.Future[int]] = {}
+
+    async def wait(self, packet_id: int, timeout: float) -> bool:
+        """True when ``packet_id``'s PUBACK comes within ``timeout`` with success."""
+        answer: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._waiting[packet_id] = answer
+        try:
+            async with asyncio.timeout(timeout):
+                return await answer < 0x80
+        except TimeoutError:
+            return False
+        finally:
+            self._waiting.pop(packet_id, None)
+
+    def answer(self, packet_id: int, reason_code: int) -> None:
+        answer = self._waiting.get(packet_id)
+        if answer is not None and not answer.done():
+            answer.set_result(reason_code)
+
+    def lost(self) -> None:
+        for answer in self._waiting.values():
+            if not answer.done():
+                answer.set_result(0x80)
+
+
 class ConnectPacer:
     """At most one CONNECT per ``interval`` for one client id, with jitter so that many
     workers restarted at once spread their CONNECTs (AWS IoT Core: 1/s per client id)."""

@@ -32,7 +32,7 @@ from bridge import mqtt_codec as codec
 from bridge.config import BridgeConfig
 from bridge.errors import ConnectionFailed
 from bridge.failover import Failover
-from bridge.link import Connection, ConnectionFactory, Link
+from bridge.link import Connection, ConnectionFactory, Link, PubackWaiters
 from bridge.mqtt import Endpoint, MqttConnection, SessionOptions
 from bridge.mqtt_codec import Publish
 from bridge.service import Service
@@ -112,7 +112,7 @@ class RegistryLink(Link):
         self.ready = asyncio.Event()
         self._subscription = subscription
         self._on_record = on_record
-        self._acks: dict[int, asyncio.Future[int]] = {}
+        self._acks = PubackWaiters()
 
     async def _on_connect(self, conn: Connection) -> None:
         self.conn = conn
@@ -130,15 +130,7 @@ class RegistryLink(Link):
         if conn is None:
             return False
         packet_id = conn.publish(topic.encode(), payload, 1, True)
-        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._acks[packet_id] = done
-        try:
-            async with asyncio.timeout(timeout):
-                return await done < 0x80
-        except TimeoutError:
-            return False
-        finally:
-            self._acks.pop(packet_id, None)
+        return await self._acks.wait(packet_id, timeout)
 
     def on_message(self, conn: Connection, msg: Publish) -> bool:
         if msg.qos:
@@ -147,9 +139,7 @@ class RegistryLink(Link):
         return True
 
     def on_puback(self, conn: Connection, packet_id: int, reason_code: int) -> None:
-        done = self._acks.get(packet_id)
-        if done is not None and not done.done():
-            done.set_result(reason_code)
+        self._acks.answer(packet_id, reason_code)
 
     def on_writable(self, conn: Connection, writable: bool) -> None:
         """A handful of small records: nothing to pace."""
@@ -158,9 +148,7 @@ class RegistryLink(Link):
         if conn is self.conn:
             self.conn = None
             self.ready.clear()
-            for done in self._acks.values():
-                if not done.done():
-                    done.set_result(0x80)
+            self._acks.lost()
 
     async def close(self) -> None:
         self._stopping = True

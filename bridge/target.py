@@ -25,7 +25,7 @@ from bridge.acks import INTERNAL
 from bridge.balance import Balancer
 from bridge.errors import ConnectionFailed, PacketTooLarge
 from bridge.failover import Failover
-from bridge.link import Connection, ConnectionFactory, Link, LinkStats
+from bridge.link import Connection, ConnectionFactory, Link, LinkStats, PubackWaiters
 from bridge.message import Envelope
 from bridge.mqtt import Endpoint, MqttConnection, SessionOptions
 from bridge.mqtt_codec import Publish
@@ -127,7 +127,7 @@ class TargetLink(Link):
         self._probing = False
         self._timer: asyncio.TimerHandle | None = None
         self._seq = 0
-        self._probes: dict[int, asyncio.Future[int]] = {}
+        self._probes = PubackWaiters()
 
     @property
     def connected(self) -> bool:
@@ -293,9 +293,7 @@ class TargetLink(Link):
                 self._proven = True
                 self._pump()
                 return
-            probe = self._probes.pop(packet_id, None)
-            if probe is not None and not probe.done():
-                probe.set_result(reason_code)
+            self._probes.answer(packet_id, reason_code)
             return
         self._probing = False
         now = self._loop.time()
@@ -327,9 +325,7 @@ class TargetLink(Link):
             return
         self.conn = None
         self._cancel_timer()
-        for probe in self._probes.values():
-            if not probe.done():
-                probe.set_result(0x80)  # unanswered: not proven
+        self._probes.lost()  # unanswered: not proven
         reason = conn.disconnect_reason
         if reason is not None:
             self.disconnects[codec.reason_name(reason).replace(" ", "_")] += 1
@@ -373,15 +369,7 @@ class TargetLink(Link):
             packet_id = conn.publish(topic, b"", 1, False, properties)
         except (PacketTooLarge, ValueError, struct.error):
             return False
-        answer: asyncio.Future[int] = self._loop.create_future()
-        self._probes[packet_id] = answer
-        try:
-            async with asyncio.timeout(timeout):
-                return await answer < 0x80
-        except TimeoutError:
-            return False
-        finally:
-            self._probes.pop(packet_id, None)
+        return await self._probes.wait(packet_id, timeout)
 
     # ---- lifecycle -----------------------------------------------------------------
 
