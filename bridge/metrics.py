@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -47,6 +47,18 @@ class Probe:
     clock: Callable[[], float] = time.monotonic  # the clock of Pending and Stats times
     # Families of other concepts (heartbeat, failover), each given the direction label.
     extra: Sequence[Callable[[str], Iterable[Metric]]] = ()
+
+
+def by_reason(
+    family: CounterMetricFamily,
+    labels: list[str],
+    known: Iterable[str],
+    seen: Mapping[str, int],
+) -> None:
+    """One sample per reason: the known ones at 0 from the start (``reasons.py``), so an
+    alert on ``increase()`` sees the first event, then any other reason seen."""
+    for reason in dict.fromkeys([*known, *seen]):
+        family.add_metric([*labels, reason], seen.get(reason, 0))
 
 
 class BridgeCollector(Collector):
@@ -222,9 +234,10 @@ class BridgeCollector(Collector):
             lost.add_metric([d, str(link.index)], link.sessions_lost)
             reconnects.add_metric([d, "source", str(link.index)], link.reconnects)
             received.add_metric([d, str(link.index)], link.received)
-            for reason in dict.fromkeys([*PROTOCOL_ERROR_REASONS, *link.protocol_errors]):
-                count = link.protocol_errors.get(reason, 0)
-                protocol_errors.add_metric([d, "source", str(link.index), reason], count)
+            by_reason(
+                protocol_errors, [d, "source", str(link.index)], PROTOCOL_ERROR_REASONS,
+                link.protocol_errors,
+            )  # fmt: skip
         published = CounterMetricFamily(
             "mqtt_bridge_connection_published",
             "Messages a target connection got acknowledged.",
@@ -257,14 +270,11 @@ class BridgeCollector(Collector):
             published.add_metric([d, i], target.published)
             window.add_metric([d, i], target.window)
             rate.add_metric([d, i], target.rate_limit)
-            # Known reasons at 0 from the start (see reasons.py), then any other seen.
-            for reason in dict.fromkeys([*THROTTLE_REASONS, *target.throttled]):
-                throttled.add_metric([d, i, reason], target.throttled.get(reason, 0))
-            for reason in dict.fromkeys([*self.disconnect_reasons, *target.disconnects]):
-                disconnects.add_metric([d, i, reason], target.disconnects.get(reason, 0))
-            for reason in dict.fromkeys([*PROTOCOL_ERROR_REASONS, *target.protocol_errors]):
-                count = target.protocol_errors.get(reason, 0)
-                protocol_errors.add_metric([d, "target", i, reason], count)
+            by_reason(throttled, [d, i], THROTTLE_REASONS, target.throttled)
+            by_reason(disconnects, [d, i], self.disconnect_reasons, target.disconnects)
+            by_reason(
+                protocol_errors, [d, "target", i], PROTOCOL_ERROR_REASONS, target.protocol_errors
+            )
         yield from (
             state,
             reconnects,
