@@ -21,11 +21,11 @@ import sys
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from bridge import mqtt_codec as codec
 from tests.harness import free_port, wait_until
@@ -60,33 +60,15 @@ def _client_id(connect_body: bytes) -> str:
     return connect_body[pos + 2 : pos + 2 + size].decode()
 
 
-Decision = int | tuple[str, int]  # a PUBACK reason code, or ("disconnect", reason code)
+class _FakeServer:
+    """A loopback MQTT server on its own event-loop thread, for blocking test code: start
+    and stop, its URL, and the client's byte stream cut into packets. A subclass answers."""
 
+    port: int
+    _runner: _LoopThread
+    _writers: list[asyncio.StreamWriter]
 
-@dataclass
-class FakeTarget:
-    """An MQTT 5 server that acknowledges each PUBLISH with ``decide(n, topic, payload)``.
-
-    It grants every SUBSCRIBE at QoS 0 and delivers an accepted PUBLISH to the
-    connections subscribed to exactly its topic (no wildcards): enough for a reader.
-    """
-
-    decide: Callable[[int, str, bytes], Decision] = lambda n, topic, payload: 0
-    receive_maximum: int = 100
-    # More CONNACK properties (property id -> value), e.g. {MAXIMUM_QOS: 0}.
-    connack: dict[int, Any] = field(default_factory=dict)
-    accepted: list[tuple[str, bytes]] = field(default_factory=list)
-    answers: list[int] = field(default_factory=list)
-    connects: list[str] = field(default_factory=list)
-    port: int = 0
-
-    def __post_init__(self) -> None:
-        self._runner = _LoopThread()
-        self._published = 0
-        self._writers: list[asyncio.StreamWriter] = []
-        self._subscribers: dict[str, list[asyncio.StreamWriter]] = defaultdict(list)
-
-    def __enter__(self) -> FakeTarget:
+    def __enter__(self) -> Self:
         self._runner.start()
         self._server = self._runner.call(self._start())
         return self
@@ -110,19 +92,58 @@ class FakeTarget:
             writer.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._writers.append(writer)
+        raise NotImplementedError
+
+    @staticmethod
+    async def _packets(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> AsyncIterator[tuple[int, bytes]]:
+        """(first byte, body) of every packet the client sends; answers are flushed after
+        each read's packets."""
         buf = bytearray()
+        while data := await reader.read(65536):
+            buf += data
+            while (found := codec.split_packet(buf, 0)) is not None:
+                first, start, end = found
+                body = bytes(buf[start:end])
+                del buf[:end]
+                yield first, body
+            await writer.drain()
+
+
+Decision = int | tuple[str, int]  # a PUBACK reason code, or ("disconnect", reason code)
+
+
+@dataclass
+class FakeTarget(_FakeServer):
+    """An MQTT 5 server that acknowledges each PUBLISH with ``decide(n, topic, payload)``.
+
+    It grants every SUBSCRIBE at QoS 0 and delivers an accepted PUBLISH to the
+    connections subscribed to exactly its topic (no wildcards): enough for a reader.
+    """
+
+    decide: Callable[[int, str, bytes], Decision] = lambda n, topic, payload: 0
+    receive_maximum: int = 100
+    # More CONNACK properties (property id -> value), e.g. {MAXIMUM_QOS: 0}.
+    connack: dict[int, Any] = field(default_factory=dict)
+    accepted: list[tuple[str, bytes]] = field(default_factory=list)
+    answers: list[int] = field(default_factory=list)
+    connects: list[str] = field(default_factory=list)
+    port: int = 0
+
+    def __post_init__(self) -> None:
+        self._runner = _LoopThread()
+        self._published = 0
+        self._writers: list[asyncio.StreamWriter] = []
+        self._subscribers: dict[str, list[asyncio.StreamWriter]] = defaultdict(list)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.append(writer)
         try:
-            while data := await reader.read(65536):
-                buf += data
-                while (found := codec.split_packet(buf, 0)) is not None:
-                    first, start, end = found
-                    body = bytes(buf[start:end])
-                    del buf[:end]
-                    if not self._handle(first, body, writer):
-                        await self._hang_up(reader, writer)
-                        return
-                await writer.drain()
+            async for first, body in self._packets(reader, writer):
+                if not self._handle(first, body, writer):
+                    await self._hang_up(reader, writer)
+                    return
         except ConnectionError:
             pass
         finally:
@@ -192,7 +213,7 @@ class FakeTarget:
 
 
 @dataclass
-class FakeSource:
+class FakeSource(_FakeServer):
     """An MQTT 5 server that answers every SUBSCRIBE, then sends ``script`` (raw packets,
     once, to the first subscriber) and records what the client answers."""
 
@@ -207,40 +228,11 @@ class FakeSource:
         self._sent = False
         self._writers: list[asyncio.StreamWriter] = []
 
-    def __enter__(self) -> FakeSource:
-        self._runner.start()
-        self._server = self._runner.call(self._start())
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._runner.call(self._stop())
-        self._runner.stop()
-
-    @property
-    def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}"
-
-    async def _start(self) -> asyncio.Server:
-        server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = server.sockets[0].getsockname()[1]
-        return server
-
-    async def _stop(self) -> None:
-        self._server.close()
-        for writer in self._writers:
-            writer.close()
-
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.append(writer)
-        buf = bytearray()
         try:
-            while data := await reader.read(65536):
-                buf += data
-                while (found := codec.split_packet(buf, 0)) is not None:
-                    first, start, end = found
-                    body = bytes(buf[start:end])
-                    del buf[:end]
-                    await self._handle(first >> 4, body, writer)
+            async for first, body in self._packets(reader, writer):
+                await self._handle(first >> 4, body, writer)
         except ConnectionError:
             pass
         finally:
