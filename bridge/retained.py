@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import structlog
@@ -35,7 +35,6 @@ from bridge.config import HOP_MARKER, BridgeConfig
 from bridge.deadletter import ArchiveDeadLetters, DeadLetterSink, LogDeadLetters
 from bridge.flow import Flow, WhenFull
 from bridge.message import Envelope
-from bridge.mqtt import SessionOptions
 from bridge.mqtt_codec import Publish
 from bridge.outcome import DELIVERED, EXPIRED, Outcome
 from bridge.pipeline import PASSTHROUGH, CompiledRoute
@@ -44,7 +43,7 @@ from bridge.routing import plan_subscriptions
 from bridge.source import Source, SourceLink
 from bridge.stats import Stats
 from bridge.target import Target
-from bridge.wiring import endpoint_of, make_archive, make_target, password_of, protocol_level
+from bridge.wiring import clean_session, endpoint_of, make_archive, make_target
 
 TAG = "sync"
 
@@ -148,18 +147,12 @@ class RetainedSync:
             SourceLink(
                 i,
                 endpoint_of(src),
-                SessionOptions(
-                    client_id=base if i == 0 else f"{base}-{i}",
-                    protocol=protocol_level(src),
-                    # A session of its own that ends with the connection: it queues nothing
-                    # for later, and a new subscription is what makes the broker send the
-                    # retained messages.
-                    clean_start=True,
-                    session_expiry=0,
-                    keepalive=src.keepalive,
+                # A session of its own that ends with the connection: it queues nothing for
+                # later, and a new subscription is what makes the broker send the retained
+                # messages.
+                replace(
+                    clean_session(src, base if i == 0 else f"{base}-{i}"),
                     receive_maximum=min(self.cfg.flow.max_inflight, src.limits.inflight or 65535),
-                    username=src.username,
-                    password=password_of(src),
                 ),
                 subscriptions,
                 src.limits.filters_per_subscribe,

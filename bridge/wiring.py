@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Literal
 
 from bridge import mqtt_codec as codec
@@ -108,16 +109,11 @@ def make_target(
             TargetLink(
                 i,
                 endpoint,
-                SessionOptions(
-                    client_id=cfg.target_client_id(i, client_tag),
-                    protocol=protocol_level(tgt),
-                    # The bridge retransmits what was in flight itself; a stored
-                    # session on the target would only add a second copy.
-                    clean_start=True,
+                # The bridge retransmits what was in flight itself; a stored session on
+                # the target would only add a second copy: clean start.
+                replace(
+                    clean_session(tgt, cfg.target_client_id(i, client_tag)),
                     session_expiry=tgt.session_expiry,
-                    keepalive=tgt.keepalive,
-                    username=tgt.username,
-                    password=password_of(tgt),
                     maximum_packet_size=cfg.packet_limit("target"),
                 ),
                 window=min(cfg.flow.max_inflight, limits.inflight or 65535),
@@ -138,16 +134,12 @@ def make_target(
 def source_session(cfg: BridgeConfig, client_id: str, registry: Registry | None) -> SessionOptions:
     """A persistent source session; with a registry, its Will declares it gone."""
     src = cfg.source
-    return SessionOptions(
-        client_id=client_id,
-        protocol=protocol_level(src),
+    return replace(
+        clean_session(src, client_id),
         clean_start=False,
         session_expiry=src.session_expiry,
-        keepalive=src.keepalive,
         # MQTT 5 lets us tell the broker our window: it stops sending at the cap.
         receive_maximum=min(cfg.flow.max_inflight, src.limits.inflight or 65535),
-        username=src.username,
-        password=password_of(src),
         will=registry.will(client_id) if registry is not None else None,
         maximum_packet_size=cfg.packet_limit("source"),
     )
