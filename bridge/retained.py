@@ -151,7 +151,7 @@ class RetainedSync:
                 # later, and a new subscription is what makes the broker send the retained
                 # messages.
                 replace(
-                    clean_session(src, base if i == 0 else f"{base}-{i}"),
+                    clean_session(self.cfg, "source", base if i == 0 else f"{base}-{i}"),
                     receive_maximum=min(self.cfg.flow.max_inflight, src.limits.inflight or 65535),
                 ),
                 subscriptions,

@@ -50,7 +50,9 @@ async def _registry(cfg: BridgeConfig, seen: list[Seen]) -> AsyncIterator[Regist
         if payload and len(parts) == 2:
             seen.append(Seen(topic, parts[0], parts[1], MemberRecord.decode(payload)))
 
-    options = clean_session(src, f"{cfg.instance_id}-sessions-{int(time.time() * 1000) % 100000}")
+    options = clean_session(
+        cfg, "source", f"{cfg.instance_id}-sessions-{int(time.time() * 1000) % 100000}"
+    )
     link = RegistryLink(
         endpoint_of(src), options, src.connect_timeout, f"{root}/+/+", on_record, MqttConnection
     )

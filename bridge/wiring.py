@@ -37,9 +37,14 @@ def endpoints_of(broker: BrokerConfig) -> list[Endpoint]:
     ]
 
 
-def clean_session(broker: BrokerConfig, client_id: str) -> SessionOptions:
+def clean_session(
+    cfg: BridgeConfig, side: Literal["source", "target"], client_id: str
+) -> SessionOptions:
     """A connection of the bridge's own (probe, heartbeat, registry, a tool): clean start,
-    so it leaves no session behind; the broker section's credentials and keepalive."""
+    so it leaves no session behind; the side's credentials and keepalive, and the
+    Maximum Packet Size that bounds what its broker may send us (every connection
+    reads, so every connection announces it)."""
+    broker: BrokerConfig = cfg.source if side == "source" else cfg.target
     return SessionOptions(
         client_id=client_id,
         protocol=protocol_level(broker),
@@ -47,6 +52,7 @@ def clean_session(broker: BrokerConfig, client_id: str) -> SessionOptions:
         keepalive=broker.keepalive,
         username=broker.username,
         password=password_of(broker),
+        maximum_packet_size=cfg.packet_limit(side),
     )
 
 
@@ -68,7 +74,7 @@ def make_failback(
     """Probes the primary of ``failover``'s side under a client id of its own."""
     side: Literal["source", "target"] = "source" if failover.side == "source" else "target"
     broker: BrokerConfig = cfg.source if side == "source" else cfg.target
-    options = clean_session(broker, cfg.side_client_id(side, "probe"))
+    options = clean_session(cfg, side, cfg.side_client_id(side, "probe"))
     return Failback(failover, options, broker.connect_timeout, factory)
 
 
@@ -112,9 +118,8 @@ def make_target(
                 # The bridge retransmits what was in flight itself; a stored session on
                 # the target would only add a second copy: clean start.
                 replace(
-                    clean_session(tgt, cfg.target_client_id(i, client_tag)),
+                    clean_session(cfg, "target", cfg.target_client_id(i, client_tag)),
                     session_expiry=tgt.session_expiry,
-                    maximum_packet_size=cfg.packet_limit("target"),
                 ),
                 window=min(cfg.flow.max_inflight, limits.inflight or 65535),
                 connect_timeout=tgt.connect_timeout,
@@ -135,13 +140,12 @@ def source_session(cfg: BridgeConfig, client_id: str, registry: Registry | None)
     """A persistent source session; with a registry, its Will declares it gone."""
     src = cfg.source
     return replace(
-        clean_session(src, client_id),
+        clean_session(cfg, "source", client_id),
         clean_start=False,
         session_expiry=src.session_expiry,
         # MQTT 5 lets us tell the broker our window: it stops sending at the cap.
         receive_maximum=min(cfg.flow.max_inflight, src.limits.inflight or 65535),
         will=registry.will(client_id) if registry is not None else None,
-        maximum_packet_size=cfg.packet_limit("source"),
     )
 
 
@@ -210,7 +214,7 @@ def make_heartbeat(
 
     def link_args(side: Literal["source", "target"], failover: Failover) -> _LinkArgs:
         broker: BrokerConfig = cfg.source if side == "source" else cfg.target
-        options = clean_session(broker, cfg.side_client_id(side, "hb"))  # only live ones matter
+        options = clean_session(cfg, side, cfg.side_client_id(side, "hb"))  # only live ones matter
         return (
             failover.endpoints[0],
             options,
@@ -303,7 +307,7 @@ def make_members(
     src = cfg.source
     # Per process (no session to resume): two workers with one instance_id must both
     # stay connected here to see each other's records.
-    options = clean_session(src, f"{cfg.instance_id}-members-{secrets.token_hex(3)}")
+    options = clean_session(cfg, "source", f"{cfg.instance_id}-members-{secrets.token_hex(3)}")
     return Registry(
         settings_of(cfg),
         [cfg.source_client_id(i) for i in range(cfg.source_connections)],

@@ -369,3 +369,29 @@ def test_max_inflight_grows_with_the_pool_unless_set(
     assert yaml.safe_load(out)["flow"]["max_inflight"] == 500
     assert "can never all be busy" in err
     assert yaml.safe_load(out)["flow"]["qos0_when_full"] == "block"
+
+
+async def test_every_connection_announces_a_maximum_packet_size(tmp_path: Path) -> None:
+    """Every connection reads, so every one bounds what its broker may send: the worker's
+    sessions and the bridge's own (probe, heartbeat, registry, `sessions`, retained sync,
+    which all derive from clean_session). The latter announced none before."""
+    from bridge.config import load_config
+    from bridge.wiring import (
+        clean_session,
+        make_failback,
+        make_failover,
+        make_target,
+        source_session,
+    )
+
+    cfg = load_config(write(tmp_path, with_(source__max_packet_size=300_000)))
+    limits = {"source": cfg.packet_limit("source"), "target": cfg.packet_limit("target")}
+    assert limits["source"] == 300_000
+    assert limits["target"] > 0
+    for side in ("source", "target"):
+        assert clean_session(cfg, side, "x").maximum_packet_size == limits[side]
+        failback = make_failback(cfg, make_failover(side, getattr(cfg, side)))
+        assert failback.options.maximum_packet_size == limits[side]
+    assert source_session(cfg, "s", None).maximum_packet_size == limits["source"]
+    pool = make_target(cfg, lambda env, outcome: None)
+    assert {link.options.maximum_packet_size for link in pool.links} == {limits["target"]}
