@@ -4,8 +4,11 @@ in-flight window, and the throttle response (multiplicative decrease, additive r
 
 from __future__ import annotations
 
+import asyncio
+import heapq
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -87,6 +90,97 @@ class WindowCap:
         if limit != self.limit:
             self.limit = limit
             self._sent = deque(self._sent, maxlen=limit)
+
+
+# The pool-wide pacing tick, in seconds: paced connections waiting for tokens are
+# resumed together on a grid of this period. At 100 msg/s a connection then writes 2
+# messages per tick in one write, and the pool runs one timer, not one per message (a
+# write and a timer per message were 33 % + 17 % of the CPU at 100 paced connections).
+# Coarser ticks batch more but cost rate: the cap allows `limit` sends per WINDOW, and
+# sends only on the grid fit 1/TICK of them in ceil(WINDOW/TICK) ticks (50/51 at 0.02 s,
+# 20/21 at 0.05 s).
+TICK = 0.02
+
+
+def tick_for(pacing: Pacing) -> float:
+    """The tick for ``pacing``: at most half a bucket's worth, so a tick's tokens always
+    fit in the bucket (a 10 ms burst must not lose rate to a 20 ms tick)."""
+    return max(0.001, min(TICK, pacing.burst / 2))
+
+
+class Ticker:
+    """One timer for all the paced connections of a pool.
+
+    ``after(wait, resume)`` calls ``resume()`` on the first tick at least ``wait`` seconds
+    from now. Ticks sit on a grid (multiples of ``period`` of the loop clock), so
+    connections that ran out of tokens at slightly different moments wake up together,
+    each with a tick's worth of tokens to write at once.
+    """
+
+    def __init__(self, period: float = TICK) -> None:
+        self.period = period
+        self._loop = asyncio.get_running_loop()
+        self._slots: dict[int, dict[Callable[[], None], None]] = {}
+        self._slot_of: dict[Callable[[], None], int] = {}
+        self._heap: list[int] = []  # slot numbers; some may have emptied since
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_slot = -1
+        self.ticks = 0
+
+    def after(self, wait: float, resume: Callable[[], None]) -> None:
+        self.cancel(resume)
+        slot = math.ceil((self._loop.time() + wait) / self.period)
+        waiting = self._slots.get(slot)
+        if waiting is None:
+            waiting = self._slots[slot] = {}
+            heapq.heappush(self._heap, slot)
+        waiting[resume] = None
+        self._slot_of[resume] = slot
+        if self._timer is None or slot < self._timer_slot:
+            self._arm(slot)
+
+    def cancel(self, resume: Callable[[], None]) -> None:
+        slot = self._slot_of.pop(resume, None)
+        if slot is not None:
+            self._slots[slot].pop(resume, None)
+
+    def retune(self, period: float) -> None:
+        """A new period (a live reload changed the burst). Forgets every wait: each
+        connection's ``repace`` computes its wait again and calls ``after``."""
+        if period != self.period:
+            self.close()
+            self.period = period
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._slots.clear()
+        self._slot_of.clear()
+        self._heap.clear()
+
+    def _arm(self, slot: int) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_slot = slot
+        self._timer = self._loop.call_at(slot * self.period, self._tick)
+
+    def _tick(self) -> None:
+        self._timer = None
+        self.ticks += 1
+        heap, slots = self._heap, self._slots
+        due = math.floor(self._loop.time() / self.period + 1e-6)
+        ready: list[Callable[[], None]] = []
+        while heap and heap[0] <= due:
+            for resume in slots.pop(heapq.heappop(heap), ()):
+                del self._slot_of[resume]
+                ready.append(resume)
+        for resume in ready:
+            resume()  # may call after() again: for a later slot, never this one
+        while heap and not slots.get(heap[0]):
+            slots.pop(heapq.heappop(heap), None)
+        if heap and self._timer is None:
+            self._arm(heap[0])
 
 
 class Throttle:

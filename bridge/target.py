@@ -30,7 +30,7 @@ from bridge.message import Envelope
 from bridge.mqtt import Endpoint, MqttConnection, SessionOptions
 from bridge.mqtt_codec import Publish
 from bridge.outcome import DELIVERED, EXPIRED, POISON, TOO_LARGE, UNENCODABLE, Outcome
-from bridge.pacing import Pacer, Pacing
+from bridge.pacing import Pacer, Pacing, Ticker, tick_for
 from bridge.policy import (
     POISON_DROPS,
     on_connection_lost,
@@ -94,6 +94,7 @@ class TargetLink(Link):
         failover: Failover | None = None,
         needed_qos: int = 1,
         connect_tries: int | None = None,
+        ticker: Ticker | None = None,
     ) -> None:
         super().__init__(
             index,
@@ -125,7 +126,9 @@ class TargetLink(Link):
         # After a drop with messages in flight, publish one at a time until a PUBACK
         # arrives (policy.on_connection_lost says why).
         self._probing = False
-        self._timer: asyncio.TimerHandle | None = None
+        # Waiting for tokens: the pool's ticker resumes every waiting connection at once.
+        self._ticker = ticker or Ticker(tick_for(pacing))
+        self._waiting = False
         self._seq = 0
         self._probes = PubackWaiters()
 
@@ -173,7 +176,7 @@ class TargetLink(Link):
 
     def _pump(self) -> None:
         conn = self.conn
-        if conn is None or self._timer is not None:
+        if conn is None or self._waiting:
             return
         queue = self.queue
         if self._need_canary and not self._proven:
@@ -195,7 +198,8 @@ class TargetLink(Link):
             if pacer.paced:
                 wait = pacer.delay(len(env.payload), now)
                 if wait:
-                    self._timer = self._loop.call_later(wait, self._resume)
+                    self._waiting = True
+                    self._ticker.after(wait, self._resume)
                     break
             queue.popleft()
             self._send(conn, env, now)
@@ -238,18 +242,19 @@ class TargetLink(Link):
         self._canary_pid = conn.publish(topic, b"", 1, False, props)
 
     def _resume(self) -> None:
-        self._timer = None
+        self._waiting = False
         self._pump()
 
-    def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+    def _stop_waiting(self) -> None:
+        if self._waiting:
+            self._ticker.cancel(self._resume)
+            self._waiting = False
 
     def repace(self, pacing: Pacing) -> None:
+        self._ticker.retune(tick_for(pacing))
         self.pacer.repace(pacing, self._loop.time())
         # A wait computed at the old rate may now be too long: compute it again.
-        self._cancel_timer()
+        self._stop_waiting()
         self._pump()
 
     # ---- link hooks ----------------------------------------------------------------
@@ -324,7 +329,7 @@ class TargetLink(Link):
         if conn is not self.conn:
             return
         self.conn = None
-        self._cancel_timer()
+        self._stop_waiting()
         self._probes.lost()  # unanswered: not proven
         reason = conn.disconnect_reason
         if reason is not None:
@@ -375,7 +380,7 @@ class TargetLink(Link):
 
     async def close(self) -> None:
         self._stopping = True
-        self._cancel_timer()
+        self._stop_waiting()
         conn, self.conn = self.conn, None
         if conn is not None:
             await conn.disconnect()

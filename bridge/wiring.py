@@ -18,7 +18,7 @@ from bridge.heartbeat import Heartbeat, Publisher, Reader, Topics
 from bridge.link import ConnectionFactory
 from bridge.membership import Adopt, Registry, settings_of
 from bridge.mqtt import Endpoint, MqttConnection, SessionOptions
-from bridge.pacing import Pacing
+from bridge.pacing import Pacing, Ticker, tick_for
 from bridge.source import Handler, Source, SourceLink
 from bridge.stats import Stats
 from bridge.target import OnDone, TargetLink, TargetPool
@@ -110,6 +110,7 @@ def make_target(
     endpoint = failover.endpoints[0]
     limits = tgt.limits
     pacing = Pacing(limits.publish_rate, limits.bytes_rate, limits.burst, limits.connect_interval)
+    ticker = Ticker(tick_for(pacing))  # one pacing timer for the whole pool
     return TargetPool(
         [
             TargetLink(
@@ -130,6 +131,7 @@ def make_target(
                 failover=failover,
                 needed_qos=max(r.qos for r in cfg.routes) if needed_qos is None else needed_qos,
                 connect_tries=connect_tries,
+                ticker=ticker,
             )
             for i in range(tgt.connections)
         ]
