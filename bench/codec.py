@@ -15,10 +15,12 @@ The codec is imported as ``bridge.mqtt_codec``: put a compiled build first on
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
 
 from bridge import mqtt_codec as codec
 from bridge.route_index import RouteIndex
@@ -33,6 +35,7 @@ PROPS: codec.Properties = {
     codec.CONTENT_TYPE: "application/json",
     codec.USER_PROPERTY: [("trace-id", "4bf92f3577b34da6a3ce929d0e0e4736")],
 }
+BIG_PAYLOAD = 65_536  # large messages: IoT Core takes up to 128 KB
 # What a read delivers at full speed: many PUBLISHes back to back.
 PACKETS_PER_READ = 100
 
@@ -48,12 +51,26 @@ def _framed(packet: bytes) -> tuple[bytearray, int, int, int]:
     return buf, first, start, end
 
 
-def codec_cases() -> dict[str, Case]:
+def load_codec(path: str) -> ModuleType:
+    """Another version of ``mqtt_codec.py`` (``git show REV:bridge/mqtt_codec.py > FILE``),
+    to time it in the same process as the current one: the fair before/after."""
+    spec = importlib.util.spec_from_file_location("codec_against", path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def codec_cases(codec: ModuleType = codec, label: str = "") -> dict[str, Case]:
     v5 = codec.PROTOCOL_5
     plain = codec.encode_publish(TOPIC, PAYLOAD, 1, False, PACKET_ID, v5)
     with_props = codec.encode_publish(TOPIC, PAYLOAD, 1, False, PACKET_ID, v5, PROPS)
     buf0, first0, start0, end0 = _framed(plain)
     buf1, first1, start1, end1 = _framed(with_props)
+    big = codec.encode_publish(TOPIC, bytes(BIG_PAYLOAD), 1, False, PACKET_ID, v5, PROPS)
+    buf2, first2, start2, end2 = _framed(big)
     read = bytearray(plain * PACKETS_PER_READ)
     size = len(read)
     decode = codec.decode_publish_at
@@ -72,14 +89,16 @@ def codec_cases() -> dict[str, Case]:
             decode(read, first, start, pos, v5)
 
     per_read = float(PACKETS_PER_READ)
-    return {
+    cases: dict[str, Case] = {
         "decode publish, no properties": lambda: decode(buf0, first0, start0, end0, v5),
         "decode publish, 3 properties": lambda: decode(buf1, first1, start1, end1, v5),
+        "decode publish, 3 properties, 64 KiB": lambda: decode(buf2, first2, start2, end2, v5),
         "encode publish, no properties": lambda: encode(TOPIC, PAYLOAD, 1, False, 1, v5),
         "encode publish, 3 properties": lambda: encode(TOPIC, PAYLOAD, 1, False, 1, v5, PROPS),
         f"frame a read of {PACKETS_PER_READ} (per packet)": _per(frame_read, per_read),
         f"frame+decode a read of {PACKETS_PER_READ} (per packet)": _per(parse_read, per_read),
     }
+    return {label + name: case for name, case in cases.items()}
 
 
 @dataclass(frozen=True)
@@ -149,8 +168,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds (best kept)")
     parser.add_argument("--number", type=int, default=5000, help="operations per case per round")
     parser.add_argument("--mqtt5", action="store_true", help="also time the mqtt5 package")
+    parser.add_argument(
+        "--against", metavar="FILE", help="also time this other version of mqtt_codec.py"
+    )
     args = parser.parse_args(argv)
-    cases = codec_cases() | routing_cases()
+    cases = codec_cases()
+    if args.against:
+        cases |= codec_cases(load_codec(args.against), "against: ")
+    cases |= routing_cases()
     if args.mqtt5:
         cases |= mqtt5_cases()
     results = measure(cases, args.rounds, args.number)

@@ -464,7 +464,10 @@ def decode_publish_at(buf: Buffer, first: int, start: int, end: int, protocol: i
     topic_end = start + 2 + ((buf[start] << 8) | buf[start + 1])
     if topic_end > end:
         raise MalformedPacket("packet ends inside the topic")
-    topic = _topic(buf[start + 2 : topic_end])
+    try:
+        topic = buf[start + 2 : topic_end].decode()
+    except UnicodeDecodeError as exc:
+        raise MalformedPacket("topic is not valid UTF-8") from exc
     pos = topic_end
     packet_id = 0
     if qos:
@@ -478,25 +481,13 @@ def decode_publish_at(buf: Buffer, first: int, start: int, end: int, protocol: i
             pos += 1  # the common case: no properties
         else:
             props, pos = decode_properties(buf, pos, end)
-    if end - pos > _COPY_VIA_VIEW and type(buf) is bytearray:
+    if end - pos <= 4096 or type(buf) is bytes:
+        payload = bytes(buf[pos:end])  # under 4 KiB a second copy costs less than a view
+    else:
         # Slicing a bytearray copies, and bytes() copies again: a view makes it one copy.
         with memoryview(buf) as view:
             payload = bytes(view[pos:end])
-    else:
-        payload = bytes(buf[pos:end])  # no second copy when buf is bytes
     return Publish(topic, payload, qos, bool(first & 0x01), bool(first & 0x08), packet_id, props)
-
-
-# Above this many bytes one copy through a memoryview beats two copies without one
-# (bench/codec.py; below it, making the view costs more than the second copy).
-_COPY_VIA_VIEW = 4096
-
-
-def _topic(raw: bytes | bytearray) -> str:
-    try:
-        return raw.decode()
-    except UnicodeDecodeError as exc:
-        raise MalformedPacket("topic is not valid UTF-8") from exc
 
 
 def decode_ack(kind: int, body: bytes, protocol: int) -> Ack:
