@@ -36,6 +36,8 @@ PROPS: codec.Properties = {
     codec.USER_PROPERTY: [("trace-id", "4bf92f3577b34da6a3ce929d0e0e4736")],
 }
 BIG_PAYLOAD = 65_536  # large messages: IoT Core takes up to 128 KB
+# What the bridge adds to every message it republishes (pipeline.py encodes it once).
+MARKER: codec.Properties = {codec.USER_PROPERTY: [("mqtt-bridge-hop", "dtb-0")]}
 # What a read delivers at full speed: many PUBLISHes back to back.
 PACKETS_PER_READ = 100
 
@@ -73,6 +75,7 @@ def codec_cases(codec: ModuleType = codec, label: str = "") -> dict[str, Case]:
     buf2, first2, start2, end2 = _framed(big)
     read = bytearray(plain * PACKETS_PER_READ)
     size = len(read)
+    marker = codec.encode_properties(MARKER)
     decode = codec.decode_publish_at
     encode = codec.encode_publish
     split = codec.split_packet
@@ -95,6 +98,9 @@ def codec_cases(codec: ModuleType = codec, label: str = "") -> dict[str, Case]:
         "decode publish, 3 properties, 64 KiB": lambda: decode(buf2, first2, start2, end2, v5),
         "encode publish, no properties": lambda: encode(TOPIC, PAYLOAD, 1, False, 1, v5),
         "encode publish, 3 properties": lambda: encode(TOPIC, PAYLOAD, 1, False, 1, v5, PROPS),
+        "encode publish, hop marker pre-encoded": lambda: encode(
+            TOPIC, PAYLOAD, 1, False, 1, v5, marker
+        ),
         f"frame a read of {PACKETS_PER_READ} (per packet)": _per(frame_read, per_read),
         f"frame+decode a read of {PACKETS_PER_READ} (per packet)": _per(parse_read, per_read),
     }
@@ -141,7 +147,7 @@ def mqtt5_cases() -> dict[str, Case]:
     """The same shapes through the `mqtt5` package, and what our API would pay on top."""
     from bench import codec_mqtt5
 
-    return codec_mqtt5.cases(TOPIC, PAYLOAD, PACKET_ID, PROPS)
+    return codec_mqtt5.cases(TOPIC, PAYLOAD, PACKET_ID, PROPS, MARKER)
 
 
 def measure(cases: dict[str, Case], rounds: int, number: int) -> dict[str, float]:

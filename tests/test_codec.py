@@ -449,3 +449,12 @@ def test_publish_properties_are_read_in_place_from_a_read_buffer() -> None:
         assert (msg.topic, msg.payload, msg.packet_id, msg.properties) == ("t/1", payload, 9, props)
         assert type(msg.payload) is bytes
     del read[:pos]  # no view of the buffer is left behind: the reader can still trim it
+
+
+def test_the_codec_benchmark_runs_its_cases() -> None:
+    """bench/codec.py stays runnable (its figures are in bench/README.md); no timing asserted."""
+    from bench import codec as bench_codec
+
+    cases = bench_codec.codec_cases() | bench_codec.routing_cases(count=5)
+    results = bench_codec.measure(cases, rounds=1, number=1)
+    assert set(results) == set(cases)
