@@ -146,69 +146,82 @@ def _read_u16(buf: bytes, pos: int) -> int:
     return int(_U16.unpack_from(buf, pos)[0])
 
 
-def _read_bytes(buf: bytes, pos: int) -> tuple[bytes, int]:
-    length = _read_u16(buf, pos)
-    end = pos + 2 + length
-    if end > len(buf):
-        raise MalformedPacket("packet ends inside a string")
-    return buf[pos + 2 : end], end
+Buffer = bytes | bytearray
 
 
-def _read_str(buf: bytes, pos: int) -> tuple[str, int]:
-    raw, pos = _read_bytes(buf, pos)
+def decode_properties(
+    buf: Buffer, pos: int, limit: int | None = None
+) -> tuple[Properties | None, int]:
+    """The property list at ``pos``, read in place: ``(properties, next_pos)``. ``limit``
+    is where the packet ends (default: the buffer's end); nothing past it is read."""
     try:
-        return raw.decode(), pos
-    except UnicodeDecodeError as exc:
+        return _decode_properties(buf, pos, len(buf) if limit is None else limit)
+    except (IndexError, struct.error) as exc:
+        raise MalformedPacket(f"property list cut short ({exc})") from None
+    except UnicodeDecodeError as exc:  # here, not per string: the loop stays call-free
         raise MalformedPacket("string is not valid UTF-8") from exc
 
 
-def decode_properties(buf: bytes, pos: int) -> tuple[Properties | None, int]:
-    try:
-        return _decode_properties(buf, pos)
-    except (IndexError, struct.error) as exc:
-        raise MalformedPacket(f"property list cut short ({exc})") from None
-
-
-def _decode_properties(buf: bytes, pos: int) -> tuple[Properties | None, int]:
-    decoded = decode_varint(buf, pos)
-    if decoded is None:
-        raise MalformedPacket("packet ends inside the property length")
-    length, pos = decoded
+def _decode_properties(buf: Buffer, pos: int, limit: int) -> tuple[Properties | None, int]:
+    if pos < limit and buf[pos] < 0x80:  # a one-byte length: any list under 128 bytes
+        length = buf[pos]
+        pos += 1
+    else:
+        decoded = decode_varint(buf, pos)
+        if decoded is None or decoded[1] > limit:
+            raise MalformedPacket("packet ends inside the property length")
+        length, pos = decoded
     end = pos + length
-    if end > len(buf):
+    if end > limit:
         raise MalformedPacket("property length beyond the packet")
     if length == 0:
         return None, pos
     props: Properties = {}
+    types = _PROPERTY_TYPES
     while pos < end:
         ident = buf[pos]
-        pos += 1
-        kind = _PROPERTY_TYPES.get(ident)
-        value: Any
+        kind = types.get(ident)
         if kind is None:
             raise MalformedPacket(f"unknown property 0x{ident:02x}")
-        if kind == _BYTE:
+        pos += 1
+        value: Any
+        if kind >= _UTF8:  # strings, binary data and pairs: a two-byte length first
+            if pos + 2 > end:
+                raise MalformedPacket("property list ends inside a string length")
+            stop = pos + 2 + ((buf[pos] << 8) | buf[pos + 1])
+            if stop > end:
+                raise MalformedPacket("property list ends inside a string")
+            if kind == _BINARY:
+                value = bytes(buf[pos + 2 : stop])
+            else:
+                value = buf[pos + 2 : stop].decode()
+                if kind == _PAIR:
+                    pos = stop
+                    if pos + 2 > end:
+                        raise MalformedPacket("property list ends inside a string length")
+                    stop = pos + 2 + ((buf[pos] << 8) | buf[pos + 1])
+                    if stop > end:
+                        raise MalformedPacket("property list ends inside a string")
+                    value = (value, buf[pos + 2 : stop].decode())
+            pos = stop
+        elif kind == _BYTE:
             value = buf[pos]
             pos += 1
-        elif kind == _INT16:
-            value = _read_u16(buf, pos)
-            pos += 2
         elif kind == _INT32:
-            value = int(_U32.unpack_from(buf, pos)[0])
+            if pos + 4 > end:
+                raise MalformedPacket("property list ends inside a four-byte integer")
+            value = _U32.unpack_from(buf, pos)[0]
             pos += 4
-        elif kind == _VARINT:
+        elif kind == _INT16:
+            if pos + 2 > end:
+                raise MalformedPacket("property list ends inside a two-byte integer")
+            value = (buf[pos] << 8) | buf[pos + 1]
+            pos += 2
+        else:  # _VARINT
             got = decode_varint(buf, pos)
-            if got is None:
-                raise MalformedPacket("packet ends inside a property")
+            if got is None or got[1] > end:
+                raise MalformedPacket("property list ends inside a variable byte integer")
             value, pos = got
-        elif kind == _UTF8:
-            value, pos = _read_str(buf, pos)
-        elif kind == _BINARY:
-            value, pos = _read_bytes(buf, pos)
-        else:
-            key, pos = _read_str(buf, pos)
-            val, pos = _read_str(buf, pos)
-            value = (key, val)
         if ident in _REPEATABLE:
             props.setdefault(ident, []).append(value)
         else:
@@ -440,10 +453,9 @@ def decode_publish(first: int, body: bytes, protocol: int) -> Publish:
     return decode_publish_at(body, first, 0, len(body), protocol)
 
 
-def decode_publish_at(
-    buf: bytes | bytearray, first: int, start: int, end: int, protocol: int
-) -> Publish:
-    """Decode a PUBLISH in place, copying only the topic, the payload and any properties."""
+def decode_publish_at(buf: Buffer, first: int, start: int, end: int, protocol: int) -> Publish:
+    """Decode a PUBLISH in place: properties are read where they lie, and only the topic,
+    the payload and the property values are copied (the payload once)."""
     qos = (first >> 1) & 0x03
     if qos == 3:
         raise MalformedPacket("PUBLISH with QoS 3")
@@ -468,12 +480,14 @@ def decode_publish_at(
         if pos < end and buf[pos] == 0:
             pos += 1  # the common case: no properties
         else:
-            region = bytes(buf[pos:end])
-            props, used = decode_properties(region, 0)
-            pos += used
-    return Publish(
-        topic, bytes(buf[pos:end]), qos, bool(first & 0x01), bool(first & 0x08), packet_id, props
-    )
+            props, pos = decode_properties(buf, pos, end)
+    if end - pos <= 4096 or type(buf) is bytes:
+        payload = bytes(buf[pos:end])  # under 4 KiB a second copy costs less than a view
+    else:
+        # Slicing a bytearray copies, and bytes() copies again: a view makes it one copy.
+        with memoryview(buf) as view:
+            payload = bytes(view[pos:end])
+    return Publish(topic, payload, qos, bool(first & 0x01), bool(first & 0x08), packet_id, props)
 
 
 def decode_ack(kind: int, body: bytes, protocol: int) -> Ack:

@@ -405,3 +405,56 @@ def test_packet_extent_knows_the_length_before_the_body() -> None:
     assert codec.publish_head(head, found[0], found[1], found[2], len(head) - 1) is None
     with pytest.raises(codec.MalformedPacket):
         codec.packet_extent(b"\x30\xff\xff\xff\xff\x01", 0, 6)
+
+
+@given(
+    body=st.binary(max_size=60),
+    after=st.binary(min_size=1, max_size=40),
+    first=st.sampled_from([0x30, 0x32, 0x3B]),
+)
+def test_publish_decoded_in_place_reads_nothing_past_its_end(
+    body: bytes, after: bytes, first: int
+) -> None:
+    """In a read buffer the next packet follows: decoding in place must give what the
+    packet alone gives (the same message, or malformed), whatever bytes come after."""
+
+    def decode(buf: bytes | bytearray, start: int) -> Publish | str:
+        try:
+            return codec.decode_publish_at(buf, first, start, start + len(body), codec.PROTOCOL_5)
+        except codec.MalformedPacket:
+            return "malformed"
+
+    alone = decode(body, 0)
+    assert decode(bytearray(b"\x00" + body + after), 1) == alone
+    # Properties cut short by the packet's end, with valid property bytes after it.
+    props = codec.encode_properties({codec.USER_PROPERTY: [("k", "v")]})
+    assert decode(bytearray(b"\x00" + body + props), 1) == alone
+
+
+def test_publish_properties_are_read_in_place_from_a_read_buffer() -> None:
+    props = {
+        codec.MESSAGE_EXPIRY: 3600,
+        codec.CONTENT_TYPE: "application/json",
+        codec.CORRELATION_DATA: b"\x01\x02",
+        codec.SUBSCRIPTION_ID: [7, 300],
+        codec.USER_PROPERTY: [("a", "1"), ("b", "2")],
+    }
+    payload = bytes(range(256)) * 20  # past the size where the payload is copied via a view
+    one = codec.encode_publish(b"t/1", payload, 1, False, 9, codec.PROTOCOL_5, props)
+    read = bytearray(one * 3)
+    pos = 0
+    while (found := codec.split_packet(read, pos)) is not None:
+        first, start, pos = found
+        msg = codec.decode_publish_at(read, first, start, pos, codec.PROTOCOL_5)
+        assert (msg.topic, msg.payload, msg.packet_id, msg.properties) == ("t/1", payload, 9, props)
+        assert type(msg.payload) is bytes
+    del read[:pos]  # no view of the buffer is left behind: the reader can still trim it
+
+
+def test_the_codec_benchmark_runs_its_cases() -> None:
+    """bench/codec.py stays runnable (its figures are in bench/README.md); no timing asserted."""
+    from bench import codec as bench_codec
+
+    cases = bench_codec.codec_cases() | bench_codec.routing_cases(count=5)
+    results = bench_codec.measure(cases, rounds=1, number=1)
+    assert set(results) == set(cases)
