@@ -458,3 +458,29 @@ def test_the_codec_benchmark_runs_its_cases() -> None:
     cases = bench_codec.codec_cases() | bench_codec.routing_cases(count=5)
     results = bench_codec.measure(cases, rounds=1, number=1)
     assert set(results) == set(cases)
+
+
+async def test_a_long_batch_of_publishes_starts_leaving_before_it_ends() -> None:
+    """One read can bring 1,000 messages; their copies are written every WRITE_BATCH
+    packets, not all after the last is handled (which held the first ones back for
+    milliseconds under load)."""
+    import time
+
+    from tests.fakes import FakeTarget
+
+    with FakeTarget() as target:
+        conn = MqttConnection(OPTIONS, Recorder())
+        await conn.connect(Endpoint("127.0.0.1", target.port))
+        for n in range(1000):  # one synchronous run, as within one read
+            conn.publish(b"t", str(n).encode(), 0, False)
+        # Still inside the run (the loop has not turned), yet the server has most of them.
+        deadline = time.monotonic() + 5
+        while len(target.accepted) < 900 and time.monotonic() < deadline:
+            time.sleep(0.01)  # noqa: ASYNC251 (blocking on purpose: no loop turn)
+        assert len(target.accepted) >= 900
+        for _ in range(500):
+            if len(target.accepted) == 1000:
+                break
+            await asyncio.sleep(0.01)
+        await conn.disconnect()
+    assert [int(payload) for _, payload in target.accepted] == list(range(1000))
