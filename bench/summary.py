@@ -142,17 +142,20 @@ def markdown(results: dict[str, Any]) -> list[str]:
             "IoT Core shape details: the window is the steady part of the offer (start-up "
             "excluded); achieved: what the subscriber received in it; busiest / idlest ÷ "
             "mean: each target connection's `connection_published` over it; in flight: "
-            "the worker's `inflight_messages` at the window's start and end.",
+            "the worker's `inflight_messages` at the window's start and end (at "
+            "`flow.max_inflight` the pool is the limit; well below it with the source broker "
+            "near a core, the source broker is).",
             "",
             "| topics | offered msg/s | achieved msg/s | ÷ allowed | busiest ÷ mean "
-            "| idlest ÷ mean | worker cores | in flight (2 scrapes) | lost | dup | order inv. |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| idlest ÷ mean | worker cores | source broker cores | in flight (2 scrapes) "
+            "| lost | dup | order inv. |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
-        for r in iot.values():
+        for r in (v for v in iot.values() if isinstance(v, dict)):
             lines.append(
                 f"| {r['topics']:,} | {r['publish_rate']:,} | {r['achieved']:,} "
                 f"| {r['achieved_vs_allowed']:.3f} | {r['busiest_vs_mean']} "
-                f"| {r['idlest_vs_mean']} | {r['worker_cores']} "
+                f"| {r['idlest_vs_mean']} | {r['worker_cores']} | {r.get('source_broker_cores')} "
                 f"| {' / '.join(map(str, r.get('worker_inflight', [])))} | {r['lost']} "
                 f"| {r['duplicated']} | {r['out_of_order']} |"
             )
