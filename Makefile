@@ -26,7 +26,7 @@ demo: $(STAMP) mosquitto
 ## bench: no bridge vs Mosquitto's bridge vs ours (1 and 2 workers): msg/s, latency, CPU,
 ## RSS, lost/dup; the shapes users run (IoT Core pool, 500 routes, QoS 0 flood, archive
 ## modes, Mosquitto's bridge in and out, added latency, pacing on the wire); a 1M-message
-## target-down memory run; ~10 min. BENCH_ARGS=--quick: ~3-4 min.
+## target-down memory run; ~10 min. BENCH_ARGS=--quick: ~4 min.
 bench: $(STAMP) mosquitto
 	@$(PY) -c 'import matplotlib, psutil' 2>/dev/null || $(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) -m bench.run $(BENCH_ARGS)
