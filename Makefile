@@ -24,7 +24,9 @@ demo: $(STAMP) mosquitto
 	$(PY) -m bench.demo $(DEMO_ARGS)
 
 ## bench: no bridge vs Mosquitto's bridge vs ours (1 and 2 workers): msg/s, latency, CPU,
-## RSS, lost/dup, and a 1M-message target-down memory run; ~7 min. BENCH_ARGS=--quick: ~2 min.
+## RSS, lost/dup; the shapes users run (IoT Core pool, 500 routes, QoS 0 flood, archive
+## modes, Mosquitto's bridge in and out, added latency, pacing on the wire); a 1M-message
+## target-down memory run; ~10 min. BENCH_ARGS=--quick: ~4 min.
 bench: $(STAMP) mosquitto
 	@$(PY) -c 'import matplotlib, psutil' 2>/dev/null || $(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) -m bench.run $(BENCH_ARGS)

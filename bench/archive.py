@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -86,19 +87,13 @@ def run_mode(
     }
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--messages", type=int, default=50_000)
-    parser.add_argument("--size", type=int, default=200)
-    parser.add_argument("--publishers", type=int, default=2)
-    parser.add_argument("--max-inflight", type=int, default=1000)
-    parser.add_argument("--flush-interval", type=float, default=1.0)
-    parser.add_argument("--max-uploads", type=int, default=4)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    args = parser.parse_args()
-    load.require_clients()
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """Both modes on the same settings (``args`` as ``main`` parses them, ``out`` unused):
+    the runs and their ratio. Also what ``make bench`` runs (bench/shapes.py)."""
     from moto.server import ThreadedMotoServer
 
+    # moto's HTTP server logs every request; the bench's output is for its figures
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
     for key, value in {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench"}.items():
         os.environ.setdefault(key, value)  # moto takes any; the workers inherit them
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
@@ -123,17 +118,36 @@ def main() -> int:
             server.stop()
     best, required = results
     ratio = required["msg_per_s"] / max(1, best["msg_per_s"])
-    summary = {
+    return {
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
         "runs": results,
         "required_vs_best_effort": round(ratio, 2),
+        "lost": sum(r["lost"] for r in results),
     }
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--messages", type=int, default=50_000)
+    p.add_argument("--size", type=int, default=200)
+    p.add_argument("--publishers", type=int, default=2)
+    p.add_argument("--max-inflight", type=int, default=1000)
+    p.add_argument("--flush-interval", type=float, default=1.0)
+    p.add_argument("--max-uploads", type=int, default=4)
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    load.require_clients()
+    summary = measure(args)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "archive.json").write_text(json.dumps(summary, indent=1) + "\n")
+    ratio = summary["required_vs_best_effort"]
     print(f"required / best_effort throughput: {ratio:.2f} (goal >= 0.8)")
-    lost = sum(r["lost"] for r in results)
-    return 0 if lost == 0 else 1
+    return 0 if summary["lost"] == 0 else 1
 
 
 if __name__ == "__main__":

@@ -437,6 +437,22 @@ def account(out: Path, counts: list[int], stamped: bool) -> Delivery:
     return result
 
 
+def received_between(out: Path, start: float, end: float) -> int:
+    """Message lines of the subscriber's file received in [start, end) (wall clock)."""
+    count = 0
+    with open(out, "rb", buffering=1 << 20) as f:
+        for line in f:
+            stamp, _, rest = line[:40].partition(b" ")
+            if rest.startswith(PROBE):
+                continue
+            try:
+                if start <= float(stamp) < end:
+                    count += 1
+            except ValueError:
+                continue
+    return count
+
+
 def percentile(sorted_values: list[float], q: float) -> float:
     if not sorted_values:
         return float("nan")

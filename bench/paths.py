@@ -3,7 +3,9 @@
 - ``direct``: one broker, publisher → subscriber. The ceiling: no bridge at all.
 - ``mosquitto``: broker A, and broker B whose ``connection`` block subscribes to
   ``bench/#`` on A and republishes it locally as ``out/bench/#`` (Mosquitto's built-in
-  bridge: C, acknowledges hop by hop, so not end to end).
+  bridge: C, acknowledges hop by hop, so not end to end), configured as ``in``.
+- ``mosquitto-out``: the same bridge defined on the source broker A instead, as ``out``:
+  A's bridge client publishes ``bench/#`` to B as ``out/bench/#``.
 - ``ours-1``: brokers A and B, one ``mqtt-bridge`` worker (acknowledges A only after B
   acknowledged).
 - ``ours-2``: the same with two worker processes in one share group.
@@ -30,6 +32,7 @@ BROKER_EXTRA = "set_tcp_nodelay true"
 PATHS = {
     "direct": "no bridge (ceiling)",
     "mosquitto": "Mosquitto bridge",
+    "mosquitto-out": "Mosquitto bridge (out)",
     "ours-1": "mqtt-bridge ×1",
     "ours-2": "mqtt-bridge ×2",
 }
@@ -72,14 +75,16 @@ class OpenPath:
         )
 
 
-def mosquitto_bridge_conf(source_port: int, qos: int) -> str:
+def mosquitto_bridge_conf(peer_port: int, qos: int, direction: str = "in") -> str:
+    """The bridge block: on B as ``in`` (peer = A), or on A as ``out`` (peer = B)."""
+    # topic <pattern> <direction> <qos> <local prefix> <remote prefix>
+    prefixes = "out/bench/ bench/" if direction == "in" else "bench/ out/bench/"
     return "\n".join(
         [
             BROKER_EXTRA,
             "connection bench-bridge",
-            f"address 127.0.0.1:{source_port}",
-            # subscribe to bench/# on A; publish locally as out/bench/#
-            f"topic # in {qos} out/bench/ bench/",
+            f"address 127.0.0.1:{peer_port}",
+            f"topic # {direction} {qos} {prefixes}",
             "try_private false",
             "cleansession true",
             "notifications false",
@@ -90,22 +95,43 @@ def mosquitto_bridge_conf(source_port: int, qos: int) -> str:
 
 
 def worker_config(
-    source_url: str, target_url: str, index: int, qos: int, max_inflight: int
+    source_url: str,
+    target_url: str,
+    index: int,
+    qos: int,
+    max_inflight: int | None,
+    routes: list[dict[str, object]] | None = None,
+    **sections: object,
 ) -> dict[str, object]:
+    """``max_inflight`` None leaves flow.max_inflight to its default (which grows with
+    the target pool); ``sections`` are merged into the config (e.g. ``target=``)."""
     route = {"source": "bench/#", "share_group": "bench", "target": "out/{topic}", "qos": qos}
+    flow = {} if max_inflight is None else {"max_inflight": max_inflight}
     return bridge_config(
         source_url,
         target_url,
-        [route],
+        routes or [route],
         instance_id=f"bench-{index}",
-        flow={"max_inflight": max_inflight},
+        flow=flow,
         log={"stats_interval": 86400},
+        **sections,
     )
 
 
 @contextlib.contextmanager
-def open_path(name: str, qos: int, wd: Path, max_inflight: int = 1000) -> Iterator[OpenPath]:
-    wd = wd / f"{name}-q{qos}"
+def open_path(
+    name: str,
+    qos: int,
+    wd: Path,
+    max_inflight: int | None = 1000,
+    routes: list[dict[str, object]] | None = None,
+    label: str = "",
+    source_extra: str = "",
+    **sections: object,
+) -> Iterator[OpenPath]:
+    """``routes``, ``sections`` and ``max_inflight`` shape our workers (worker_config);
+    ``source_extra`` is added to broker A's configuration; ``label`` names the folder."""
+    wd = wd / f"{name}-q{qos}{label}"
     wd.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
         if name == "direct":
@@ -113,7 +139,15 @@ def open_path(name: str, qos: int, wd: Path, max_inflight: int = 1000) -> Iterat
             proc = psutil.Process(broker.proc.pid)  # type: ignore[union-attr]
             yield OpenPath(name, broker.port, broker.port, "", [], [proc], brokers={"A": broker})
             return
-        a = stack.enter_context(Mosquitto(wd, "A", extra=BROKER_EXTRA))
+        if name == "mosquitto-out":
+            b = stack.enter_context(Mosquitto(wd, "B", extra=BROKER_EXTRA))
+            a = stack.enter_context(
+                Mosquitto(wd, "A", extra=mosquitto_bridge_conf(b.port, qos, "out"))
+            )
+            pa, pb = (psutil.Process(m.proc.pid) for m in (a, b))  # type: ignore[union-attr]
+            yield OpenPath(name, a.port, b.port, "out/", [pa], [pa, pb], brokers={"A": a, "B": b})
+            return
+        a = stack.enter_context(Mosquitto(wd, "A", extra=f"{BROKER_EXTRA}\n{source_extra}"))
         if name == "mosquitto":
             b = stack.enter_context(Mosquitto(wd, "B", extra=mosquitto_bridge_conf(a.port, qos)))
             pa, pb = (psutil.Process(m.proc.pid) for m in (a, b))  # type: ignore[union-attr]
@@ -122,7 +156,8 @@ def open_path(name: str, qos: int, wd: Path, max_inflight: int = 1000) -> Iterat
         b = stack.enter_context(Mosquitto(wd, "B", extra=BROKER_EXTRA))
         count = {"ours-1": 1, "ours-2": 2}[name]
         workers = [
-            Worker(wd, worker_config(a.url, b.url, i, qos, max_inflight)) for i in range(count)
+            Worker(wd, worker_config(a.url, b.url, i, qos, max_inflight, routes, **sections))
+            for i in range(count)
         ]
         for w in workers:
             stack.callback(w.stop)

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from bench import summary
 from bench.paths import PATHS
 
 
@@ -85,6 +86,7 @@ def markdown(results: dict[str, Any]) -> str:
                     f"| {_num(c.get('foreign_cores_max'))} |"
                 )
     lines += _ratios(results)
+    lines += summary.markdown(results)
     lines += _generator(results)
     lines += _memory(results.get("memory"))
     lines += _profile(results.get("profile"))
@@ -211,7 +213,13 @@ def plots(results: dict[str, Any], out: Path) -> list[str]:
     s = results["settings"]
     combos = [(q, z) for q in s["qos"] for z in s["sizes"]]
     names = list(s["paths"])
-    colors = {"direct": "#999999", "mosquitto": "#4c72b0", "ours-1": "#dd8452", "ours-2": "#55a868"}
+    colors = {
+        "direct": "#999999",
+        "mosquitto": "#4c72b0",
+        "mosquitto-out": "#8172b3",
+        "ours-1": "#dd8452",
+        "ours-2": "#55a868",
+    }
     written = []
 
     def bars(key: str, title: str, ylabel: str, fname: str, skip: tuple[str, ...] = ()) -> None:
@@ -259,7 +267,8 @@ def plots(results: dict[str, Any], out: Path) -> list[str]:
         ax.set_title(f"QoS {q}, {_size(z)} at half max rate", fontsize=9)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("% of messages at or below")
-    axes[0][0].legend(fontsize=7)
+    if axes[0][0].get_legend_handles_labels()[0]:  # no cells: a shapes-only run
+        axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "latency.png", dpi=110)
     plt.close(fig)

@@ -10,8 +10,9 @@ QoS (0, 1) and payload size (200 B, 4 KB):
 3. CPU-seconds per 100k messages of the bridging processes, and their peak RSS;
 4. lost / duplicated / out-of-order from the numbered payloads, every run.
 
-Then the generator alone (no subscriber), and the memory scenario (bench/memory.py).
-Results: ``results.json``, ``results.md`` and PNG plots in ``--out``.
+Then the generator alone (no subscriber), the shapes users run (bench/shapes.py:
+``--shapes``), and the memory scenario (bench/memory.py). Results: ``results.json``,
+``results.md`` and PNG plots in ``--out``.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from typing import Any
 
 import psutil
 
-from bench import load
+from bench import load, shapes
 from bench.load import Procs
 from bench.paths import BROKER_EXTRA, PATHS, OpenPath, open_path
 from tests.harness import ROOT, Mosquitto, workdir
@@ -54,6 +55,7 @@ class Settings:
     quick: bool
     profile: bool
     profile_seconds: float
+    shapes: list[str]
 
 
 @dataclass
@@ -118,19 +120,27 @@ def _bridge_counter(path: OpenPath, name: str) -> float:
 
 
 def run_once(
-    bench: Bench, path: OpenPath, qos: int, size: int, rate: float | None, count: int
+    bench: Bench,
+    path: OpenPath,
+    qos: int,
+    size: int,
+    rate: float | None,
+    count: int,
+    prefix: str = "bench",
 ) -> dict[str, Any]:
-    """One run: throughput at full speed (``rate`` None) or latency at ``rate`` msg/s."""
+    """One run: throughput at full speed (``rate`` None) or latency at ``rate`` msg/s.
+
+    The publishers' topics are ``<prefix>/r<run>/t<i>``."""
     s = bench.settings
     k, tag = bench.next_tag()
-    topics = [f"bench/r{k}/t{i}" for i in range(s.publishers)]
+    topics = [f"{prefix}/r{k}/t{i}" for i in range(s.publishers)]
     counts = load.spread(count, s.publishers)
     out = bench.wd / f"{tag}.out"
     sub = load.Subscriber(
-        bench.procs, path.target_port, f"{path.target_prefix}bench/r{k}/#", qos, out, tag
+        bench.procs, path.target_port, f"{path.target_prefix}{prefix}/r{k}/#", qos, out, tag
     )
     try:
-        sub.wait_path(path.source_port, f"bench/r{k}/probe", qos, timeout=20)
+        sub.wait_path(path.source_port, f"{prefix}/r{k}/probe", qos, timeout=20)
         dropped0 = _bridge_counter(path, "dropped")
         cpu0, sys0 = path.cpu_seconds("bridge"), path.cpu_seconds("system")
         others = ForeignLoad(sys0)
@@ -279,14 +289,18 @@ def parse_args(argv: list[str] | None) -> Settings:
     p = argparse.ArgumentParser(
         prog="python -m bench.run", description=(__doc__ or "").splitlines()[0]
     )
-    p.add_argument("--quick", action="store_true", help="a ~1-2 minute sanity run")
+    p.add_argument("--quick", action="store_true", help="a ~4 minute sanity run (shapes included)")
     p.add_argument("--messages", type=int, help="messages per throughput run (50000; quick 10000)")
     p.add_argument("--repeats", type=int, help="throughput runs per cell, median kept (3; quick 1)")
     p.add_argument("--latency-seconds", type=float, help="length of a latency run (4; quick 2)")
     p.add_argument("--publishers", type=int, default=4, help="publisher processes/topics (4)")
     p.add_argument("--sizes", default="200,4096", help="payload sizes in bytes (200,4096)")
     p.add_argument("--qos", default="0,1", help="QoS levels (0,1)")
-    p.add_argument("--paths", default=",".join(PATHS), help=f"subset of {','.join(PATHS)}")
+    p.add_argument(
+        "--paths",
+        default="direct,mosquitto,ours-1,ours-2",
+        help=f"subset of {','.join(PATHS)} (mosquitto-in = mosquitto)",
+    )
     p.add_argument(
         "--memory-messages",
         type=int,
@@ -301,8 +315,15 @@ def parse_args(argv: list[str] | None) -> Settings:
         help="also profile one worker with py-spy under QoS 1 load (pip install py-spy)",
     )
     p.add_argument("--profile-seconds", type=float, default=15.0)
+    p.add_argument(
+        "--shapes",
+        default=",".join(shapes.SHAPES),
+        help=f"the issue-15 shapes to run after the table, subset of {','.join(shapes.SHAPES)}"
+        " ('' for none; bench/shapes.py)",
+    )
     a = p.parse_args(argv)
-    paths = [x for x in a.paths.split(",") if x]
+    # mosquitto-in: the explicit name of the `mosquitto` path (its bridge is on B, as in)
+    paths = [{"mosquitto-in": "mosquitto"}.get(x, x) for x in a.paths.split(",") if x]
     unknown = [x for x in paths if x not in PATHS]
     if unknown:
         p.error(f"unknown path(s) {','.join(unknown)}; choose from {','.join(PATHS)}")
@@ -325,6 +346,7 @@ def parse_args(argv: list[str] | None) -> Settings:
         quick=a.quick,
         profile=a.profile,
         profile_seconds=a.profile_seconds,
+        shapes=shapes.parse(a.shapes, p),
     )
 
 
@@ -347,8 +369,9 @@ def main(argv: list[str] | None = None) -> int:
     with workdir("mqtt-bridge-bench-") as wd:
         bench = Bench(s, wd)
         try:
-            log("generator alone:")
-            for qos in s.qos:
+            if s.paths:
+                log("generator alone:")
+            for qos in s.qos if s.paths else []:
                 for size in s.sizes:
                     results["generator"].append(run_generator(bench, qos, size))
             for name in s.paths:
@@ -365,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
                         traceback.print_exc(limit=3)
                     finally:
                         bench.procs.close()
+            shapes.run(bench, results, s.shapes, run_once, run_cell, log)
             if s.profile:
                 results["profile"] = profile(bench, s)
             if s.memory_messages > 0:
@@ -382,6 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"\nwrote {s.out}/results.json, results.md and plots in {results['seconds']:.0f} s\n")
     print((s.out / "results.md").read_text())
     lost = sum(c["lost"] for c in results["cells"]) + results.get("memory", {}).get("lost", 0)
+    lost += shapes.lost(results)
     return 1 if results["errors"] or lost else 0
 
 
