@@ -145,22 +145,27 @@ def markdown(results: dict[str, Any]) -> list[str]:
         lines += [
             "",
             "IoT Core shape details: the window is the steady part of the offer (start-up "
-            "excluded); achieved: what the subscriber received in it; busiest / idlest ÷ "
+            "excluded); achieved: what the subscriber received in it; worker msg/s: what "
+            "the target acknowledged to the worker between its two scrapes; busiest / idlest ÷ "
             "mean: each target connection's `connection_published` over it; in flight: "
             "the worker's `inflight_messages` at the window's start and end (at "
             "`flow.max_inflight` the pool is the limit; well below it with the source broker "
-            "near a core, the source broker is).",
+            "near a core, the source broker is); machine cores: every process on the machine "
+            "(at the machine's core count, the run is CPU-bound as a whole).",
             "",
-            "| topics | offered msg/s | achieved msg/s | ÷ allowed | busiest ÷ mean "
-            "| idlest ÷ mean | worker cores | source broker cores | in flight (2 scrapes) "
+            "| topics | offered msg/s | achieved msg/s | ÷ allowed | worker msg/s | busiest ÷ mean "
+            "| idlest ÷ mean | worker cores | source broker cores | machine cores "
+            "| in flight (2 scrapes) "
             "| lost | dup | order inv. |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in (v for v in iot.values() if isinstance(v, dict)):
             lines.append(
                 f"| {r['topics']:,} | {r['publish_rate']:,} | {r['achieved']:,} "
-                f"| {r['achieved_vs_allowed']:.3f} | {r['busiest_vs_mean']} "
+                f"| {r['achieved_vs_allowed']:.3f} | {r.get('worker_published_rate', 0):,} "
+                f"| {r['busiest_vs_mean']} "
                 f"| {r['idlest_vs_mean']} | {r['worker_cores']} | {r.get('source_broker_cores')} "
+                f"| {r.get('machine_cores')} of {r.get('machine_cores_total')} "
                 f"| {' / '.join(map(str, r.get('worker_inflight', [])))} | {r['lost']} "
                 f"| {r['duplicated']} | {r['out_of_order']} |"
             )

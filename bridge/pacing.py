@@ -68,12 +68,18 @@ class WindowCap:
     the wire). The cap remembers the last ``limit`` write times and holds the next send
     until the oldest of them is ``window`` seconds old, so no 1 s window ever holds more
     than ``limit``, whatever the loop did meanwhile.
+
+    A send is recorded when it is granted and moved to its write time by ``written``:
+    the caller does not write each message at once (the connection writes what a loop
+    iteration queued in one call), and a stall between grant and write must not make
+    the record older than the bytes on the wire.
     """
 
     def __init__(self, limit: int, window: float = WINDOW) -> None:
         self.limit = max(1, limit)
         self.window = window
         self._sent: deque[float] = deque(maxlen=self.limit)
+        self._unwritten = 0  # the newest records: granted, write time not known yet
 
     def delay(self, now: float) -> float:
         """0 when a send may go now, else the seconds until one may."""
@@ -84,12 +90,21 @@ class WindowCap:
 
     def sent(self, now: float) -> None:
         self._sent.append(now)  # the deque's maxlen drops the oldest
+        self._unwritten += 1
+
+    def written(self, now: float) -> None:
+        """Every send granted so far has been written, at ``now`` at the latest."""
+        sent = self._sent
+        for i in range(1, min(self._unwritten, len(sent)) + 1):
+            sent[-i] = now  # later than the grant: the order of the records holds
+        self._unwritten = 0
 
     def set_limit(self, limit: int) -> None:
         limit = max(1, limit)
         if limit != self.limit:
             self.limit = limit
             self._sent = deque(self._sent, maxlen=limit)
+            self._unwritten = min(self._unwritten, limit)
 
 
 # The pool-wide pacing tick, in seconds: paced connections waiting for tokens are
@@ -242,8 +257,8 @@ class Pacer:
 
     def delay(self, size: int, now: float) -> float:
         """Take the tokens for one message of ``size`` bytes and return 0, or return the
-        seconds to wait (taking nothing). A 0 counts as a send at ``now``: the caller
-        writes it to the socket before the loop runs anything else."""
+        seconds to wait (taking nothing). A 0 counts as a send at ``now`` until the caller
+        says when it was written (``written``)."""
         messages = self._messages
         wait = messages.delay(1, now) if messages is not None else 0.0
         if not wait and self._bytes is not None:
@@ -261,6 +276,11 @@ class Pacer:
                 if self._bytes is not None:
                     self._bytes.tokens += size
         return wait
+
+    def written(self, now: float) -> None:
+        """What was granted has been written, at ``now`` at the latest (see WindowCap)."""
+        if self._cap is not None:
+            self._cap.written(now)
 
     def connected(self, server_receive_maximum: int, now: float) -> None:
         """A new connection: the window is capped by what the server announced."""

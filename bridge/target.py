@@ -129,6 +129,7 @@ class TargetLink(Link):
         # Waiting for tokens: the pool's ticker resumes every waiting connection at once.
         self._ticker = ticker or Ticker(tick_for(pacing))
         self._waiting = False
+        self._confirming = False  # a pacer.written() is scheduled
         self._seq = 0
         self._probes = PubackWaiters()
 
@@ -189,6 +190,7 @@ class TargetLink(Link):
         pacer = self.pacer
         window = 1 if self._probing else pacer.window
         now = self._loop.time()
+        granted = False
         while queue and len(inflight) < window and self._writable:
             env = queue[0]
             if env.drops >= POISON_DROPS:
@@ -201,13 +203,17 @@ class TargetLink(Link):
                     self._waiting = True
                     self._ticker.after(wait, self._resume)
                     break
+                granted = True
             queue.popleft()
             self._send(conn, env, now)
-        if pacer.paced:
-            # The pacer counted these sends at `now`: they reach the socket now, in one
-            # write, not after whatever else this loop iteration runs (a stall there once
-            # bunched them into 119 in one second at rate 100).
-            conn.flush()
+        if granted and not self._confirming:
+            # The pacer counted these sends at `now`; the connection writes them when
+            # this loop iteration's work is done (with the rest of what it queued: one
+            # write, not one per message). Tell the pacer when that was, as its cap
+            # counts on-the-wire times (a stall in between once bunched 119 sends into
+            # one second at rate 100).
+            self._confirming = True
+            self._loop.call_soon(self._written)
 
     def _send(self, conn: Connection, env: Envelope, now: float) -> None:
         props = env.properties
@@ -240,6 +246,14 @@ class TargetLink(Link):
             return
         topic, props = self._canary
         self._canary_pid = conn.publish(topic, b"", 1, False, props)
+
+    def _written(self) -> None:
+        # Runs after the connection's own flush (scheduled by the first publish); a
+        # send granted since then is written now, so that every grant is on the wire.
+        self._confirming = False
+        if self.conn is not None:
+            self.conn.flush()
+        self.pacer.written(self._loop.time())
 
     def _resume(self) -> None:
         self._waiting = False

@@ -39,6 +39,31 @@ def test_the_pacer_never_lets_more_than_the_rate_into_any_second() -> None:
     assert max_in_window(simulate(lambda now: bucket.delay(1, now) == 0, random.Random(15))) > 100
 
 
+def test_the_cap_counts_write_times_not_grant_times() -> None:
+    """Grants are written when the loop iteration's work is done; a stall in between
+    delays the write. Told the write time (``written``), the cap holds on the wire."""
+
+    def run(tell: bool) -> list[float]:
+        pacer = Pacer(Pacing(publish_rate=100, burst=1.0), 1000, 0.0)
+        rng = random.Random(3)
+        wire: list[float] = []
+        now = 0.0
+        while now < 20.0:
+            granted = 0
+            while pacer.delay(200, now) == 0:  # an iteration takes all it may
+                granted += 1
+            if granted and rng.random() < 0.2:
+                now += rng.uniform(0.04, 0.08)  # the rest of the iteration stalls
+            wire.extend([now] * granted)  # then the connection writes them
+            if tell:
+                pacer.written(now)
+            now += 0.005
+        return wire
+
+    assert max_in_window(run(tell=True)) <= 100
+    assert max_in_window(run(tell=False)) > 100  # what counting grants let through
+
+
 def test_paced_connections_stay_under_the_rate_on_the_wire_through_stalls(rig: Rig) -> None:
     rate = 100
     with CountingProxy(rig.target.port, rig.tmp) as proxy:
