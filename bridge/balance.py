@@ -37,7 +37,10 @@ class Balancer:
         self.load = [0] * links  # outstanding messages per connection
         # topic -> [connection, outstanding messages of this topic]
         self._pins: dict[bytes, list[int]] = {}
-        self._by_load: dict[int, set[int]] = {0: set(range(links))}
+        # by_load[n]: the connections with n outstanding messages. A list, grown as
+        # loads grow (the flow bounds them), and empty sets stay: every message moves
+        # a connection twice, so this is the hot part of balancing.
+        self._by_load: list[set[int]] = [set(range(links))]
         self._least = 0
 
     @property
@@ -66,20 +69,20 @@ class Balancer:
 
     def _least_loaded(self) -> int:
         by_load = self._by_load
-        while not by_load.get(self._least):
-            self._least += 1
-        return next(iter(by_load[self._least]))
+        least = self._least
+        while not by_load[least]:
+            least += 1
+        self._least = least
+        return next(iter(by_load[least]))
 
     def _move(self, link: int, step: int) -> None:
         by_load = self._by_load
-        old = self.load[link]
-        new = self.load[link] = old + step
-        bucket = by_load[old]
-        bucket.discard(link)
-        if not bucket and old:
-            del by_load[old]  # keep the dict as small as the spread of loads
-        into = by_load.get(new)
-        if into is None:
-            into = by_load[new] = set()
-        into.add(link)
-        self._least = min(self._least, new)
+        load = self.load
+        old = load[link]
+        new = load[link] = old + step
+        by_load[old].discard(link)
+        if new == len(by_load):
+            by_load.append(set())
+        by_load[new].add(link)
+        if new < self._least:  # noqa: PLR1730 (min() is a call: this is the hot path)
+            self._least = new
