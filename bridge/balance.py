@@ -37,9 +37,10 @@ class Balancer:
         self.load = [0] * links  # outstanding messages per connection
         # topic -> [connection, outstanding messages of this topic]
         self._pins: dict[bytes, list[int]] = {}
-        # by_load[n]: the connections with n outstanding messages. A list, grown as
-        # loads grow (the flow bounds them), and empty sets stay: every message moves
-        # a connection twice, so this is the hot part of balancing.
+        # by_load[n]: the connections with n outstanding messages. A list as long as
+        # the highest load + 1 (the flow bounds it; an empty set is 216 B, less than
+        # one message), where empty sets below the top stay: every message moves a
+        # connection twice, so this is the hot part of balancing.
         self._by_load: list[set[int]] = [set(range(links))]
         self._least = 0
 
@@ -80,9 +81,12 @@ class Balancer:
         load = self.load
         old = load[link]
         new = load[link] = old + step
-        by_load[old].discard(link)
+        bucket = by_load[old]
+        bucket.discard(link)
         if new == len(by_load):
             by_load.append(set())
+        elif step < 0 and not bucket and old == len(by_load) - 1:
+            by_load.pop()  # the top emptied: shrink back as loads fall
         by_load[new].add(link)
         if new < self._least:  # noqa: PLR1730 (min() is a call: this is the hot path)
             self._least = new

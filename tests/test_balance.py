@@ -171,3 +171,16 @@ def test_many_real_connections_keep_order_per_topic(rig: Rig) -> None:
     busy = [metrics[f"connection_published{{connection={i}}}"] for i in range(64)]
     assert sum(busy) == 15_000 + report.duplicated
     print(f"busiest/mean {max(busy) / (sum(busy) / 64):.2f}")
+
+
+def test_the_load_index_shrinks_back_when_a_backlog_drains() -> None:
+    # A connection that piled up 5,000 messages (its target was slow) must not leave
+    # 5,000 load levels behind once they are acknowledged.
+    balancer = Balancer(3)
+    for _ in range(5000):
+        balancer.assign(b"stuck", 1)
+    assert len(balancer._by_load) == 5001
+    for _ in range(5000):
+        balancer.finished(b"stuck")
+    assert len(balancer._by_load) == 1
+    assert balancer.load == [0, 0, 0]
