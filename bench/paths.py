@@ -38,6 +38,25 @@ PATHS = {
 }
 
 
+def cpu_seconds(procs: list[psutil.Process]) -> float:
+    """User + system CPU-seconds of ``procs`` so far (a process that is gone counts 0)."""
+    total = 0.0
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            t = proc.cpu_times()
+            total += t.user + t.system
+    return total
+
+
+def machine_busy() -> float:
+    """CPU-seconds the whole machine has been busy so far: every process, every core."""
+    t = psutil.cpu_times()
+    # guest time is already inside user; steal (the hypervisor ran someone else
+    # while we wanted the CPU) is noise as much as a neighbour's process is
+    parts = ("user", "nice", "system", "irq", "softirq", "steal")
+    return float(sum(getattr(t, p, 0.0) for p in parts))
+
+
 @dataclass
 class OpenPath:
     name: str
@@ -50,12 +69,7 @@ class OpenPath:
     brokers: dict[str, Mosquitto] = field(default_factory=dict)
 
     def cpu_seconds(self, which: str = "bridge") -> float:
-        total = 0.0
-        for proc in self.bridge if which == "bridge" else self.system:
-            with contextlib.suppress(psutil.Error):
-                t = proc.cpu_times()
-                total += t.user + t.system
-        return total
+        return cpu_seconds(self.bridge if which == "bridge" else self.system)
 
     def peak_rss_mb(self) -> list[float]:
         """Each bridging process's peak resident set (VmHWM) since it started, in MB."""

@@ -31,11 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from bench import load, shapes
 from bench.load import Procs
-from bench.paths import BROKER_EXTRA, PATHS, OpenPath, open_path
+from bench.paths import BROKER_EXTRA, PATHS, OpenPath, machine_busy, open_path
 from tests.harness import ROOT, Mosquitto, workdir
 
 
@@ -83,16 +81,8 @@ class ForeignLoad:
 
     def __init__(self, system_cpu: float) -> None:
         self.t0 = time.monotonic()
-        self.busy0 = self._busy()
+        self.busy0 = machine_busy()
         self.own0 = self._own() + system_cpu
-
-    @staticmethod
-    def _busy() -> float:
-        t = psutil.cpu_times()
-        # guest time is already inside user; steal (the hypervisor ran someone else
-        # while we wanted the CPU) is noise as much as a neighbour's process is
-        parts = ("user", "nice", "system", "irq", "softirq", "steal")
-        return float(sum(getattr(t, p, 0.0) for p in parts))
 
     @staticmethod
     def _own() -> float:
@@ -102,7 +92,7 @@ class ForeignLoad:
 
     def cores(self, system_cpu: float) -> float:
         elapsed = max(1e-9, time.monotonic() - self.t0)
-        busy = self._busy() - self.busy0
+        busy = machine_busy() - self.busy0
         own = self._own() + system_cpu - self.own0
         return max(0.0, busy - own) / elapsed
 

@@ -32,7 +32,14 @@ from typing import Any
 import psutil
 
 from bench import fanout, load
-from bench.paths import BROKER_EXTRA, OpenPath, open_path, worker_config
+from bench.paths import (
+    BROKER_EXTRA,
+    OpenPath,
+    cpu_seconds,
+    machine_busy,
+    open_path,
+    worker_config,
+)
 from bridge.limits import AWS_IOT_LIMITS
 from tests.fakes import CountingProxy, max_in_window
 from tests.harness import Mosquitto, Worker, parse_metrics
@@ -58,17 +65,6 @@ def _aws_pacing() -> dict[str, Any]:
     # The aws-iot profile needs mqtts://; the harness brokers are plain TCP, so its
     # pacing limits are given one by one instead.
     return {k: AWS_IOT_LIMITS[k] for k in ("publish_rate", "bytes_rate", "burst", "inflight")}
-
-
-def _cpu(proc: psutil.Process) -> float:
-    t = proc.cpu_times()
-    return float(t.user + t.system)
-
-
-def _busy() -> float:
-    """CPU-seconds the whole machine has been busy (every process, every core)."""
-    t = psutil.cpu_times()
-    return float(t.user + t.nice + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0))
 
 
 def _published(path: OpenPath) -> tuple[dict[str, float], float]:
@@ -119,11 +115,11 @@ def iot_core(bench: Any, topics_count: int, log: Callable[[str], None]) -> dict[
             w0 = time.time() + warmup
             w1 = w0 - warmup + seconds
             time.sleep(warmup)
-            cpu0, a0, (m0, inflight0) = path.cpu_seconds(), _cpu(source), _published(path)
-            t0, busy0 = time.monotonic(), _busy()
+            cpu0, a0, (m0, inflight0) = path.cpu_seconds(), cpu_seconds([source]), _published(path)
+            t0, busy0 = time.monotonic(), machine_busy()
             time.sleep(max(0.5, w1 - time.time()))
-            cpu1, a1, (m1, inflight1) = path.cpu_seconds(), _cpu(source), _published(path)
-            t1, busy1 = time.monotonic(), _busy()
+            cpu1, a1, (m1, inflight1) = path.cpu_seconds(), cpu_seconds([source]), _published(path)
+            t1, busy1 = time.monotonic(), machine_busy()
             thread.join(timeout)
             # a paced worker with a backlog can pause for seconds on a loaded machine
             stall = max(s.stall, 15.0)
