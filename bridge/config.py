@@ -850,9 +850,13 @@ class BridgeConfig(BaseSettings):
             return f"{self.target.client_id}-{index}"
         return f"{self.instance_id}-{tag}-{index}"
 
+    def broker(self, side: Literal["source", "target"]) -> BrokerConfig:
+        """The ``source`` or ``target`` section."""
+        return self.source if side == "source" else self.target
+
     def packet_limit(self, side: Literal["source", "target"]) -> int:
         """The Maximum Packet Size a side's broker may send us (see limits.packet_limit)."""
-        broker: BrokerConfig = getattr(self, side)
+        broker = self.broker(side)
         if broker.max_packet_size is not None:
             return broker.max_packet_size
         if side == "target":

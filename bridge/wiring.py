@@ -44,7 +44,7 @@ def clean_session(
     so it leaves no session behind; the side's credentials and keepalive, and the
     Maximum Packet Size that bounds what its broker may send us (every connection
     reads, so every connection announces it)."""
-    broker: BrokerConfig = cfg.source if side == "source" else cfg.target
+    broker = cfg.broker(side)
     return SessionOptions(
         client_id=client_id,
         protocol=protocol_level(broker),
@@ -73,7 +73,7 @@ def make_failback(
 ) -> Failback:
     """Probes the primary of ``failover``'s side under a client id of its own."""
     side: Literal["source", "target"] = "source" if failover.side == "source" else "target"
-    broker: BrokerConfig = cfg.source if side == "source" else cfg.target
+    broker = cfg.broker(side)
     options = clean_session(cfg, side, cfg.side_client_id(side, "probe"))
     return Failback(failover, options, broker.connect_timeout, factory)
 
@@ -215,7 +215,7 @@ def make_heartbeat(
     )
 
     def link_args(side: Literal["source", "target"], failover: Failover) -> _LinkArgs:
-        broker: BrokerConfig = cfg.source if side == "source" else cfg.target
+        broker = cfg.broker(side)
         options = clean_session(cfg, side, cfg.side_client_id(side, "hb"))  # only live ones matter
         return (
             failover.endpoints[0],
