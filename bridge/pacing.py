@@ -160,11 +160,14 @@ class Ticker:
             self._slots[slot].pop(resume, None)
 
     def retune(self, period: float) -> None:
-        """A new period (a live reload changed the burst). Forgets every wait: each
-        connection's ``repace`` computes its wait again and calls ``after``."""
+        """A new period (a live reload changed the burst). Whoever waits is resumed on
+        the new grid's first tick, and computes its wait again."""
         if period != self.period:
+            waiting = list(self._slot_of)
             self.close()
             self.period = period
+            for resume in waiting:
+                self.after(0.0, resume)
 
     def close(self) -> None:
         if self._timer is not None:

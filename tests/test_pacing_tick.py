@@ -119,3 +119,15 @@ async def test_paced_connections_write_several_messages_per_tick_in_order() -> N
     for sent in times:
         assert sent[-1] - sent[0] >= 50 / 100 - 0.02
         assert max_in_window(sent) <= 100
+
+
+async def test_a_retuned_ticker_still_resumes_every_waiter() -> None:
+    ticker = Ticker(0.05)
+    woke: list[int] = []
+    callbacks = [lambda n=n: woke.append(n) for n in range(3)]  # type: ignore[misc]
+    for callback in callbacks:
+        ticker.after(0.03, callback)
+    ticker.retune(0.01)  # e.g. a reload lowered the burst
+    assert ticker.period == 0.01
+    await asyncio.sleep(0.2)
+    assert sorted(woke) == [0, 1, 2]
